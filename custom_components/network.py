@@ -1,0 +1,108 @@
+"""DynUNet topology derived from the patch size, nnU-Net style, with an up-front patch check.
+
+MONAI's ``DynUNet`` takes explicit ``kernel_size`` and ``strides`` lists and does not check that a patch
+fits them: a patch that is not divisible by the total stride fails deep inside ``forward`` with a
+concatenation error. ``plan_dynunet`` derives the lists from the patch (as nnU-Net's planner does:
+halve an axis while it stays >= ``min_feature_size``, at most ``max_levels`` - 1 times), and
+``check_patch_size`` refuses a patch that the plan cannot take, naming the nearest valid patch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from monai.networks.nets import DynUNet
+
+__all__ = ["plan_dynunet", "check_patch_size", "nearest_valid_patch", "build_dynunet"]
+
+
+def _levels_per_axis(patch_size: Sequence[int], min_feature_size: int, max_levels: int) -> list[int]:
+    """Number of stride-2 downsamplings per axis: floor(log2(size / min_feature_size)), capped."""
+    return [max(0, min(max_levels - 1, int(math.floor(math.log2(max(s, 1) / min_feature_size))))) for s in patch_size]
+
+
+def plan_dynunet(patch_size: Sequence[int], min_feature_size: int = 4, max_levels: int = 6) -> dict:
+    """Kernel sizes and strides for a 3D DynUNet at ``patch_size``.
+
+    Returns ``{"kernel_size": [...], "strides": [...], "upsample_kernel_size": [...]}``: level 0 has
+    stride 1; level i > 0 has stride 2 on each axis that still has downsamplings left, else 1.
+    Kernels are 3 on every axis (nnU-Net uses 1 on axes much coarser than the others; our volumes are
+    isotropic).
+    """
+    patch_size = [int(s) for s in patch_size]
+    if len(patch_size) != 3 or min(patch_size) < 1:
+        raise ValueError(f"patch_size must be 3 positive ints (Z, Y, X), got {patch_size}.")
+    per_axis = _levels_per_axis(patch_size, min_feature_size, max_levels)
+    n_down = max(per_axis)
+    if n_down < 1:
+        raise ValueError(
+            f"patch_size {patch_size} is too small for a U-Net: each axis needs >= {2 * min_feature_size} voxels "
+            f"for one downsampling (min_feature_size={min_feature_size})."
+        )
+    strides = [[1, 1, 1]] + [[2 if level <= per_axis[a] else 1 for a in range(3)] for level in range(1, n_down + 1)]
+    kernels = [[3, 3, 3] for _ in strides]
+    return {"kernel_size": kernels, "strides": strides, "upsample_kernel_size": strides[1:]}
+
+
+def _total_stride(strides: Sequence[Sequence[int]]) -> list[int]:
+    return [math.prod(int(s[a]) for s in strides) for a in range(3)]
+
+
+def nearest_valid_patch(patch_size: Sequence[int], strides: Sequence[Sequence[int]]) -> list[int]:
+    """The patch closest to ``patch_size`` whose every axis is a multiple of the total stride."""
+    total = _total_stride(strides)
+    return [max(t, int(round(s / t)) * t) for s, t in zip(patch_size, total)]
+
+
+def check_patch_size(patch_size: Sequence[int], strides: Sequence[Sequence[int]] | None = None) -> list[int]:
+    """Raise ``ValueError`` naming the patch and the nearest valid one if the network cannot take it.
+
+    With ``strides=None`` the plan of ``plan_dynunet(patch_size)`` is used. Returns the patch as a list.
+    """
+    patch_size = [int(s) for s in patch_size]
+    if strides is None:
+        strides = plan_dynunet(patch_size)["strides"]
+    total = _total_stride(strides)
+    if any(s % t for s, t in zip(patch_size, total)):
+        raise ValueError(
+            f"patch_size {patch_size} cannot be taken by the network: every axis must be a multiple of the "
+            f"total stride {total}. Nearest valid patch_size: {nearest_valid_patch(patch_size, strides)}."
+        )
+    return patch_size
+
+
+def build_dynunet(
+    patch_size: Sequence[int],
+    filters: Sequence[int] = (32, 64, 128, 256, 320, 320),
+    in_channels: int = 1,
+    out_channels: int = 1,
+    deep_supervision: bool = True,
+    deep_supr_num: int = 2,
+    res_block: bool = True,
+    norm_name: str | tuple = "instance",
+    min_feature_size: int = 4,
+    max_levels: int = 6,
+) -> DynUNet:
+    """A MONAI ``DynUNet`` planned for ``patch_size`` (checked first); ``filters`` truncated to the depth.
+
+    ``deep_supr_num`` is capped at depth - 2, as DynUNet requires.
+    """
+    plan = plan_dynunet(patch_size, min_feature_size, max_levels)
+    check_patch_size(patch_size, plan["strides"])
+    depth = len(plan["strides"])
+    if len(filters) < depth:
+        raise ValueError(f"filters {list(filters)} has {len(filters)} entries; patch_size {list(patch_size)} needs {depth}.")
+    return DynUNet(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=plan["kernel_size"],
+        strides=plan["strides"],
+        upsample_kernel_size=plan["upsample_kernel_size"],
+        filters=list(filters)[:depth],
+        norm_name=norm_name,
+        deep_supervision=deep_supervision,
+        deep_supr_num=max(1, min(deep_supr_num, depth - 2)),
+        res_block=res_block,
+    )
