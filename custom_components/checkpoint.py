@@ -69,8 +69,8 @@ def atomic_torch_save(obj, path: str | Path) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"could not write checkpoint {path} ({e.strerror or e}); the previous file is intact") from e
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save wraps a failed write in a RuntimeError
+            raise OSError(getattr(e, "errno", None), f"could not write checkpoint {path} ({e}); the previous file is intact") from e
         raise
     _fsync_dir(path.parent)
 

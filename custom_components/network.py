@@ -52,7 +52,7 @@ def _total_stride(strides: Sequence[Sequence[int]]) -> list[int]:
 def nearest_valid_patch(patch_size: Sequence[int], strides: Sequence[Sequence[int]]) -> list[int]:
     """The patch closest to ``patch_size`` whose every axis is a multiple of the total stride."""
     total = _total_stride(strides)
-    return [max(t, int(round(s / t)) * t) for s, t in zip(patch_size, total)]
+    return [max(t, int(math.floor(s / t + 0.5)) * t) for s, t in zip(patch_size, total)]
 
 
 def check_patch_size(patch_size: Sequence[int], strides: Sequence[Sequence[int]] | None = None) -> list[int]:

@@ -33,6 +33,8 @@ def shard_entries(entries: Sequence[dict], rank: int = 0, world_size: int = 1) -
     shard = list(entries)[rank::world_size]
     if not shard:
         raise ValueError(f"rank {rank} of {world_size} gets no training volume ({len(entries)} volumes).")
+    if world_size > 1:
+        print(f"[rank {rank}/{world_size}] training volumes: {[str(e['id']) for e in shard]}", flush=True)
     return shard
 
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from custom_components.checkpoint import check_output_dir
-from custom_components.network import check_patch_size
+from custom_components.network import check_patch_size, plan_dynunet
 
 __all__ = ["preflight", "check_device", "check_settings", "val_records"]
 
@@ -47,7 +47,8 @@ def check_device(device) -> torch.device:
     return dev
 
 
-def check_settings(patch_size: Sequence[int], batch_size: int, device, epochs: int = 1, iterations_per_epoch: int = 1) -> None:
+def check_settings(patch_size: Sequence[int], batch_size: int, device, epochs: int = 1, iterations_per_epoch: int = 1,
+                   max_levels: int = 6) -> None:
     """The settings checks of step 1."""
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -55,7 +56,7 @@ def check_settings(patch_size: Sequence[int], batch_size: int, device, epochs: i
         raise ValueError(f"epochs must be >= 1, got {epochs}.")
     if int(iterations_per_epoch) < 1:
         raise ValueError(f"iterations_per_epoch must be >= 1, got {iterations_per_epoch}.")
-    check_patch_size(patch_size)
+    check_patch_size(patch_size, plan_dynunet(patch_size, max_levels=max_levels)["strides"])
     check_device(device)
 
 
@@ -74,6 +75,7 @@ def preflight(
     val_fraction: float = 0.2,
     seed: int = 0,
     rank: int = 0,
+    max_levels: int = 6,
 ) -> dict:
     """Run the checks of the module docstring; return ``{"train", "val", "resume_path"}``.
 
@@ -83,7 +85,7 @@ def preflight(
     from custom_components.io import read_tiff_header
     from custom_components.validate_data import validate_volumes
 
-    check_settings(patch_size, batch_size, device, epochs, iterations_per_epoch)
+    check_settings(patch_size, batch_size, device, epochs, iterations_per_epoch, max_levels)
     if not dataset_dir or not os.path.isdir(dataset_dir):
         raise ValueError(f"dataset_dir '{dataset_dir}' does not exist or is not a folder.")
     if datalist:
@@ -121,3 +123,17 @@ def val_records(prepared: Sequence[dict], max_volumes: int | None = None) -> lis
     out = [{"id": e["id"], "image": os.path.join(e["cache"], "image.npy"), "label": os.path.join(e["cache"], "label.npy")}
            for e in prepared]
     return out[: max_volumes] if max_volumes else out
+
+
+def distributed_prepare(entries, cache_dir, rank: int = 0, **kwargs) -> list[dict]:
+    """``prepare_cache`` on rank 0 while the other ranks wait at a barrier, then open the cache everywhere."""
+    import torch.distributed as dist
+
+    from custom_components.prepare import prepare_cache
+
+    out = prepare_cache(entries, cache_dir, **kwargs) if rank == 0 else None
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        out = prepare_cache(entries, cache_dir, **{**kwargs, "progress": False})
+    return out

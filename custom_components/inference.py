@@ -1,0 +1,124 @@
+"""Inference building blocks: checkpoint ensembles with mirror TTA, and a sliding window that survives OOM.
+
+``ProbabilityEnsemble`` averages ``sigmoid`` probabilities over several networks (e.g. one checkpoint
+per fold) and over up to 8 mirror flips; each network is a checkpoint of ``network_def`` or a
+TorchScript export (``.ts``). ``RobustSlidingWindowInferer`` is MONAI's ``SlidingWindowInferer``
+(Gaussian blending) that, on a CUDA out-of-memory error, halves the window batch, and at batch 1 moves
+the stitching to the CPU, rather than failing.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+from monai.inferers import SlidingWindowInferer
+
+from custom_components.checkpoint import _network_state, load_checkpoint, load_network_weights
+
+__all__ = ["ProbabilityEnsemble", "RobustSlidingWindowInferer", "load_networks", "parse_ckpt_paths", "input_records"]
+
+logger = logging.getLogger("vesuvius.inference")
+
+
+def parse_ckpt_paths(ckpt_path) -> list[str]:
+    """One path, a comma-separated string or a list; each must exist."""
+    if isinstance(ckpt_path, str):
+        paths = [p.strip() for p in ckpt_path.split(",") if p.strip()]
+    else:
+        paths = [str(p) for p in ckpt_path]
+    if not paths:
+        raise ValueError("ckpt_path is empty: give a checkpoint (.pt) or a TorchScript model (.ts).")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"checkpoint(s) not found: {', '.join(missing)}")
+    return paths
+
+
+def load_networks(network_def: torch.nn.Module, ckpt_path, device="cpu") -> list[torch.nn.Module]:
+    """Networks in eval mode on ``device``: TorchScript files load as they are, checkpoints into copies of ``network_def``."""
+    nets = []
+    for path in parse_ckpt_paths(ckpt_path):
+        if path.endswith(".ts"):
+            net = torch.jit.load(path, map_location=device)
+        else:
+            net = copy.deepcopy(network_def)
+            load_network_weights(net, _network_state(load_checkpoint(path)), source=f"checkpoint {path}")
+        nets.append(net.to(device).eval())
+    return nets
+
+
+def _flip_sets(n_flips: int) -> list[tuple[int, ...]]:
+    combos = [c for r in range(4) for c in itertools.combinations((2, 3, 4), r)]
+    if not 1 <= n_flips <= 8:
+        raise ValueError(f"tta_flips must be in 1..8 (1 = no test-time augmentation), got {n_flips}.")
+    return combos[:n_flips]
+
+
+class ProbabilityEnsemble(torch.nn.Module):
+    """p(x) = mean over networks n and flips f of f^-1(sigmoid(n(f(x)))) (channel 0 of the main head)."""
+
+    def __init__(self, networks: Sequence[torch.nn.Module], tta_flips: int = 1):
+        super().__init__()
+        if not networks:
+            raise ValueError("ProbabilityEnsemble needs at least one network.")
+        self.networks = torch.nn.ModuleList(networks) if all(isinstance(n, torch.nn.Module) for n in networks) else list(networks)
+        self.flips = _flip_sets(tta_flips)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for net in self.networks:
+            for dims in self.flips:
+                xi = torch.flip(x, dims) if dims else x
+                out = net(xi)
+                if isinstance(out, (list, tuple)):
+                    out = out[0]
+                if out.ndim == x.ndim + 1:  # stacked deep-supervision heads
+                    out = out[:, 0]
+                p = torch.sigmoid(out.float())
+                p = torch.flip(p, dims) if dims else p
+                total = p if total is None else total + p
+        return total / (len(self.networks) * len(self.flips))
+
+
+class RobustSlidingWindowInferer(SlidingWindowInferer):
+    """``SlidingWindowInferer`` that halves ``sw_batch_size`` on CUDA OOM, then stitches on the CPU."""
+
+    def __call__(self, inputs, network, *args, **kwargs):
+        while True:
+            try:
+                return super().__call__(inputs, network, *args, **kwargs)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                if self.sw_batch_size > 1:
+                    self.sw_batch_size = max(1, self.sw_batch_size // 2)
+                    logger.warning("CUDA out of memory: retrying with sw_batch_size=%d", self.sw_batch_size)
+                elif self.device is None or torch.device(self.device).type != "cpu":
+                    self.device = torch.device("cpu")
+                    logger.warning("CUDA out of memory at sw_batch_size=1: stitching on the CPU")
+                else:
+                    raise
+
+
+def input_records(input_dir: str, label_dir: str | None = None) -> list[dict]:
+    """``[{"id", "image"(, "label")}]`` for every .tif/.tiff in ``input_dir``, after the data check of headers."""
+    from custom_components.validate_data import validate_volumes
+
+    if not os.path.isdir(input_dir):
+        raise ValueError(f"input_dir '{input_dir}' does not exist or is not a folder.")
+    names = sorted(f for f in os.listdir(input_dir) if f.lower().endswith((".tif", ".tiff")))
+    if not names:
+        raise ValueError(f"input_dir '{input_dir}' holds no .tif volumes.")
+    recs = [{"id": os.path.splitext(n)[0], "image": os.path.join(input_dir, n)} for n in names]
+    if label_dir:
+        for r in recs:
+            r["label"] = os.path.join(label_dir, os.path.basename(r["image"]))
+    problems = validate_volumes([r["image"] for r in recs], [r["label"] for r in recs] if label_dir else None, decode=False)
+    if problems:
+        raise ValueError(f"{len(problems)} problem(s) in the input:\n  " + "\n  ".join(problems))
+    return recs
