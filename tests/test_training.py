@@ -1,0 +1,107 @@
+"""The training bundle end to end on tiny synthetic data: properties, a run, CLI, exact resume, DDP."""
+
+import glob
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from training_utils import MULTI_JSON, PYTHON, REPO, TRAIN_JSON, cli_args, make_data, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+def _workflow(**overrides):
+    return ConfigWorkflow(workflow_type="train", config_file=TRAIN_JSON, **overrides)
+
+
+def _train(overrides):
+    wf = _workflow(**overrides)
+    wf.initialize()
+    wf.run()
+    net = wf.parser.get_parsed_content("network")
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    wf.finalize()
+    return wf, state
+
+
+def test_check_properties(data_dir, tmp_path):
+    wf = _workflow(**tiny_overrides(data_dir, tmp_path / "run"))
+    wf.initialize()
+    assert wf.check_properties() == []
+
+
+def test_run_writes_loadable_checkpoints_logs_and_terms(data_dir, tmp_path):
+    out = tmp_path / "run"
+    wf, state = _train(tiny_overrides(data_dir, out))
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 2 and trainer.state.iteration == 6
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(out / "checkpoints" / name, weights_only=True)
+        assert set(ckpt) >= {"network", "optimizer", "lr_scheduler", "trainer", "meta"}
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert last["meta"]["epoch"] == 2 and last["meta"]["iteration"] == 6
+    assert all(torch.equal(last["network"][k], state[k]) for k in state)
+    metrics = trainer.state.metrics
+    assert {"loss/bce", "loss/dice", "loss/cldice", "lr", "throughput/samples_per_s", "throughput/data_wait"} <= set(metrics)
+    assert "val_score" in wf.parser.get_parsed_content("validate#evaluator").state.metrics
+    log = (out / "train.log").read_text()
+    assert "saved checkpoint" in log and "samples/s" in log
+    assert glob.glob(str(out / "tensorboard" / "events.out.tfevents.*"))
+
+
+def test_refuses_to_clobber_and_resume_is_exact(data_dir, tmp_path):
+    straight = tmp_path / "straight"
+    _, w_straight = _train(tiny_overrides(data_dir, straight, val_interval=5))
+    part = tmp_path / "part"
+    _, w_epoch1 = _train(tiny_overrides(data_dir, part, epochs=1, val_interval=5))
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        _workflow(**tiny_overrides(data_dir, part, val_interval=5)).initialize()
+    wf, w_resumed = _train(tiny_overrides(data_dir, part, resume=True, val_interval=5))
+    assert wf.parser.get_parsed_content("train#trainer").state.epoch == 2
+    assert all(torch.equal(w_resumed[k], w_straight[k]) for k in w_straight)
+    assert any(not torch.equal(w_resumed[k], w_epoch1[k]) for k in w_epoch1)
+
+
+def test_cli_from_repo_root_and_bundle_dir(data_dir, tmp_path):
+    o = tiny_overrides(data_dir, tmp_path / "cli", epochs=1, iterations_per_epoch=2, val_interval=5)
+    r = subprocess.run([PYTHON, "-m", "monai.bundle", "run", "training", "--config_file", "bundle/configs/train.json", *cli_args(o)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (tmp_path / "cli" / "checkpoints" / "last.pt").is_file()
+    o["output_dir"] = str(tmp_path / "cli2")
+    r = subprocess.run([PYTHON, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json", *cli_args(o)],
+                       cwd=os.path.join(REPO, "bundle"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_torchrun_gloo_two_ranks(data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    o = tiny_overrides(data_dir, out, epochs=1, iterations_per_epoch=2, val_interval=1)
+    cfg = json.dumps([TRAIN_JSON, MULTI_JSON])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port=29517", "-m", "monai.bundle", "run", "training",
+                        "--config_file", cfg, *cli_args(o)], cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
+    text = r.stdout + r.stderr
+    assert r.returncode == 0, text[-4000:]
+    shards = {}
+    for line in text.splitlines():
+        if "training volumes:" in line and "[rank " in line:
+            rank = int(line.split("[rank ")[1].split("/")[0])
+            assert line.split("[rank ")[1].split("]")[0].endswith("/2")
+            shards[rank] = set(eval(line.split("training volumes: ")[1]))
+    assert set(shards) == {0, 1}
+    assert shards[0] and shards[1] and not (shards[0] & shards[1])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) in (["last.pt"], ["best.pt", "last.pt"])
+    assert (out / "train.log").is_file()
+    log = (out / "train.log").read_text()
+    assert log.count("samples/s") == 1  # one epoch, logged by rank 0 only
+    assert sorted(os.listdir(out)) == sorted(set(os.listdir(out)) & {"cache", "checkpoints", "tensorboard", "train.log"})
