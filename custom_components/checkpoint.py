@@ -152,7 +152,8 @@ class AtomicCheckpointSaver:
 
     Args:
         save_dir: folder of the checkpoints (created).
-        save_dict: ``{"network": net, "optimizer": opt, "lr_scheduler": sched, "trainer": trainer}``.
+        save_dict: ``{"network": net, "optimizer": opt, "lr_scheduler": sched}``; the trainer it is attached to
+            is saved as ``trainer`` too (epoch, iteration).
         key_metric_engine: evaluator whose ``state.metrics[key_metric_name]`` picks ``best.pt``.
         save_interval: also save ``last.pt`` every N iterations (0: only at epoch ends).
         rank: only rank 0 writes.
@@ -183,7 +184,7 @@ class AtomicCheckpointSaver:
 
     def state(self) -> dict:
         obj = {}
-        for name, o in self.save_dict.items():
+        for name, o in {**self.save_dict, "trainer": self.trainer}.items():
             if o is None:
                 continue
             o = getattr(o, "module", o)  # DDP
@@ -221,7 +222,7 @@ class AtomicCheckpointSaver:
 
 
 class CheckpointResumer:
-    """At ``STARTED``, restore every object of ``load_dict`` from ``load_path`` (no-op when empty).
+    """At ``STARTED``, restore every object of ``load_dict`` and the trainer from ``load_path`` (no-op when empty).
 
     The trainer's epoch and iteration are restored and its ``max_epochs`` kept as configured now, so a
     run can be extended. A network of another configuration fails with ``CheckpointMismatchError``.
@@ -241,7 +242,7 @@ class CheckpointResumer:
         if not self.load_path:
             return
         ckpt = load_checkpoint(self.load_path, self.map_location)
-        for name, obj in self.load_dict.items():
+        for name, obj in {**self.load_dict, "trainer": engine}.items():
             if obj is None:
                 continue
             if name not in ckpt:
