@@ -66,6 +66,10 @@ def atomic_torch_save(obj, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if os.environ.get("VESUVIUS_SLOW_CHECKPOINT_S"):  # test hook: widen the window a SIGKILL can hit
+            import time
+
+            time.sleep(float(os.environ["VESUVIUS_SLOW_CHECKPOINT_S"]))
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
