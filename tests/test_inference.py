@@ -1,0 +1,121 @@
+"""inference.json / evaluate.json end to end, checkpoint ensembles, TTA, OOM fallback, TorchScript export."""
+
+import json
+import os
+import subprocess
+import zipfile
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from monai.bundle import ConfigWorkflow
+
+from custom_components.inference import ProbabilityEnsemble, RobustSlidingWindowInferer, parse_ckpt_paths
+from custom_components.network import build_dynunet
+from training_utils import INFER_JSON, PYTHON, REPO, TRAIN_JSON, make_data, tiny_overrides
+
+EVAL_JSON = os.path.join(REPO, "bundle", "configs", "evaluate.json")
+NET = {"patch_size": [16, 16, 16], "filters": [4, 8, 16], "deep_supr_num": 1}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inf")
+    data = make_data(root / "data", volumes=3)
+    wf = ConfigWorkflow(workflow_type="train", config_file=TRAIN_JSON,
+                        **tiny_overrides(data, root / "run", epochs=1, iterations_per_epoch=2, val_interval=5))
+    wf.initialize()
+    wf.run()
+    return root, data, str(root / "run" / "checkpoints" / "last.pt")
+
+
+def _infer(config, **over):
+    wf = ConfigWorkflow(workflow_type="infer", config_file=config, **over)
+    wf.initialize()
+    wf.run()
+    return wf
+
+
+def test_inference_writes_one_tif_per_input_and_zip(trained, tmp_path):
+    root, data, ckpt = trained
+    out = tmp_path / "pred"
+    _infer(INFER_JSON, input_dir=os.path.join(data, "test_images"), output_dir=str(out), ckpt_path=ckpt,
+           device="cpu", amp=False, sw_batch_size=4, overlap=0.25, **NET)
+    inputs = sorted(os.listdir(os.path.join(data, "test_images")))
+    assert sorted(p for p in os.listdir(out) if p.endswith(".tif")) == inputs
+    for name in inputs:
+        pred = tifffile.imread(out / name)
+        assert pred.dtype == np.uint8 and pred.shape == tifffile.imread(os.path.join(data, "test_images", name)).shape
+        assert set(np.unique(pred)) <= {0, 1}
+    with zipfile.ZipFile(out / "submission.zip") as z:
+        assert sorted(z.namelist()) == inputs
+
+
+def test_evaluate_json_scores_with_and_without_postprocessing(trained, tmp_path):
+    root, data, ckpt = trained
+    out = tmp_path / "eval"
+    _infer([INFER_JSON, EVAL_JSON], input_dir=os.path.join(data, "test_images"), label_dir=os.path.join(data, "test_labels"),
+           output_dir=str(out), ckpt_path=ckpt, device="cpu", amp=False, metric_workers=1, **NET)
+    text = (out / "scores.csv").read_text()
+    assert "raw" in text and "post" in text
+    assert len(os.listdir(out / "raw")) == len(os.listdir(out / "postprocessed")) == 1
+
+
+def test_ensemble_and_tta_average_probabilities():
+    torch.manual_seed(0)
+    a, b = torch.nn.Conv3d(1, 1, 3, padding=1), torch.nn.Conv3d(1, 1, 3, padding=1)
+    x = torch.randn(1, 1, 6, 6, 6)
+    both = ProbabilityEnsemble([a, b])(x)
+    assert torch.allclose(both, (torch.sigmoid(a(x)) + torch.sigmoid(b(x))) / 2, atol=1e-6)
+    flip = ProbabilityEnsemble([a], tta_flips=2)(x)  # identity and a flip of the last axis
+    manual = (torch.sigmoid(a(x)) + torch.flip(torch.sigmoid(a(torch.flip(x, (2,)))), (2,))) / 2
+    assert torch.allclose(flip, manual, atol=1e-6)
+    with pytest.raises(ValueError, match="tta_flips must be in 1..8"):
+        ProbabilityEnsemble([a], tta_flips=9)
+
+
+def test_oom_halves_window_batch(monkeypatch):
+    calls = []
+
+    def net(x):
+        calls.append(x.shape[0])
+        if x.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("fake")
+        return x
+
+    inferer = RobustSlidingWindowInferer(roi_size=(4, 4, 4), sw_batch_size=4, overlap=0)
+    out = inferer(torch.ones(1, 1, 8, 8, 8), net)
+    assert out.shape == (1, 1, 8, 8, 8) and inferer.sw_batch_size == 1 and 4 in calls and 2 in calls
+
+
+def test_ckpt_paths_parsed_and_checked(tmp_path):
+    p = tmp_path / "a.pt"
+    p.write_bytes(b"")
+    assert parse_ckpt_paths(f"{p}, {p}") == [str(p), str(p)]
+    with pytest.raises(ValueError, match="not found: .*missing.pt"):
+        parse_ckpt_paths(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.slow
+def test_torchscript_export_loads_in_inference_with_equal_output(trained, tmp_path):
+    root, data, ckpt = trained
+    ts = tmp_path / "model.ts"
+    cmd = [PYTHON, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", ckpt,
+           "--key_in_ckpt", "network", "--meta_file", os.path.join(REPO, "bundle", "configs", "metadata.json"),
+           "--config_file", INFER_JSON, "--use_trace", "True", "--input_shape", "[1, 1, 16, 16, 16]",
+           *sum(([f"--{k}", json.dumps(v)] for k, v in NET.items()), [])]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    net = build_dynunet([16, 16, 16], filters=[4, 8, 16], deep_supr_num=1)
+    net.load_state_dict(torch.load(ckpt, weights_only=True)["network"])
+    net.eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    traced = torch.jit.load(str(ts))
+    assert torch.allclose(traced(x), net(x), atol=1e-5)
+    out_ckpt, out_ts = tmp_path / "p1", tmp_path / "p2"
+    for out, path in ((out_ckpt, ckpt), (out_ts, str(ts))):
+        _infer(INFER_JSON, input_dir=os.path.join(data, "test_images"), output_dir=str(out), ckpt_path=path,
+               device="cpu", amp=False, min_component_size=0, **NET)
+    for name in os.listdir(os.path.join(data, "test_images")):
+        assert np.array_equal(tifffile.imread(out_ckpt / name), tifffile.imread(out_ts / name))
