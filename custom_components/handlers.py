@@ -155,6 +155,7 @@ class RunProgressHandler:
 
     def __init__(self, enabled: bool = True, rank: int = 0):
         self.enabled = enabled and rank == 0
+        self.bar = None
 
     def attach(self, engine: Engine) -> None:
         if not self.enabled:

@@ -134,6 +134,16 @@ class PersistentHomologyLoss(_Loss):
         self.computed_calls = 0  # of which did the matching
         self._last: torch.Tensor | None = None
 
+    def get_extra_state(self) -> dict:
+        """The call counter and last value travel in ``state_dict`` so a resumed run computes on the same steps."""
+        return {"calls": self.calls, "computed_calls": self.computed_calls,
+                "last": None if self._last is None else float(self._last)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.calls = int(state["calls"])
+        self.computed_calls = int(state["computed_calls"])
+        self._last = None if state["last"] is None else torch.tensor(state["last"])
+
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample == 1:
             return x
