@@ -9,17 +9,22 @@ score. SurfaceDice barely moves when a few voxels change; the two topological te
 - every merge of two sheets into one component raises the VOI merge term H(GT | Pred) and removes an
   H0 feature (lowers TopoF1_0 too).
 
-The steps, applied in this order by ``PostProcess`` / ``postprocess``:
+The steps, applied in this order by ``PostProcess`` / ``postprocess`` (functional forms ``binarize``,
+``binary_closing``, ``remove_small_components``, ``fill_holes``):
 
 1. ``Binarize``: ``p > threshold``, or hysteresis thresholding (weak voxels kept only when connected
    to a strong one), which keeps faint parts of a sheet without keeping faint isolated blobs.
-2. ``RemoveSmallComponents``: drops 26-connected components of fewer than ``min_size`` voxels
-   ("dust"): raises TopoF1_0 and the VOI score.
-3. ``BinaryClosing`` (off by default): dilation then erosion; closes pinholes and slits in a sheet
+2. ``BinaryClosing`` (off by default): dilation then erosion; closes pinholes and slits in a sheet
    (fewer H1 features, fewer split pieces), but also merges two sheets that run within ~2 radius voxels
-   of each other, which costs VOI and TopoF1_0. Use a radius of 1 at most unless measured.
+   of each other, which costs VOI and TopoF1_0. Use a radius of 1 at most unless measured. It runs
+   before dust removal so that a sheet broken by 1-voxel cracks into pieces each under ``min_size``
+   is rejoined before its size is judged (a speck within ~2 radius of a sheet joins the sheet instead
+   of being removed: a few voxels of SurfaceDice, nothing topological).
+3. ``RemoveSmallComponents``: drops 26-connected components of fewer than ``min_size`` voxels
+   ("dust"): raises TopoF1_0 and the VOI score.
 4. ``FillHoles``: fills enclosed background cavities (background components that do not touch the
-   volume border): a papyrus sheet encloses no cavity, so each one is spurious; raises TopoF1_2.
+   volume border): a papyrus sheet encloses no cavity, so each one is spurious; raises TopoF1_2. Last,
+   so cavities that closing sealed are filled too.
 
 Every transform takes a probability / mask as a numpy array or a torch tensor, shaped (1, Z, Y, X)
 (channel first, as MONAI gives it) or (Z, Y, X), and returns the same type, shape and device with
@@ -52,6 +57,10 @@ __all__ = [
     "BinaryClosingd",
     "FillHolesd",
     "PostProcessd",
+    "binarize",
+    "remove_small_components",
+    "binary_closing",
+    "fill_holes",
     "DEFAULT_MIN_SIZE",
 ]
 
@@ -294,10 +303,10 @@ def _steps_from_settings(
     steps: list[_VolumeTransform] = []
     if threshold is not None:
         steps.append(Binarize(threshold, hysteresis_low, connectivity=connectivity))
-    if min_size:
-        steps.append(RemoveSmallComponents(min_size, connectivity=connectivity))
     if closing_radius:
         steps.append(BinaryClosing(closing_radius, structure=closing_structure))
+    if min_size:
+        steps.append(RemoveSmallComponents(min_size, connectivity=connectivity))
     if fill_holes:
         steps.append(FillHoles(max_hole_size))
     return steps
@@ -311,18 +320,18 @@ class PostProcess(_VolumeTransform):
 
     - ``threshold=0.5``, ``hysteresis_low=None``: plain threshold at 0.5 (the network is trained with
       BCE, so 0.5 is its calibrated decision point); ``threshold=None`` when the input is already a mask.
+    - ``closing_radius=0``: off, since closing can merge neighbouring sheets (VOI, TopoF1_0);
+      ``closing_structure`` see ``BinaryClosing``.
     - ``min_size=DEFAULT_MIN_SIZE`` (64): dust removal, the step worth most for TopoF1_0 and VOI.
-    - ``closing_radius=0``: off, since closing can merge neighbouring sheets (VOI, TopoF1_0).
     - ``fill_holes=True``, ``max_hole_size=None``: every enclosed cavity is spurious for a sheet.
 
-    Order: binarize, dust, close, fill; dust before closing so specks are not merged into sheets,
-    filling last so cavities created by closing are filled too. Steps that are not ours are called
-    on the (Z, Y, X) numpy volume and must return a volume of the same shape.
+    Order: binarize, close, dust, fill (see the module docstring). ``steps`` (keyword) replaces the
+    settings by an explicit list; steps that are not ours are called on the (Z, Y, X) numpy volume and
+    must return a volume of the same shape.
     """
 
     def __init__(
         self,
-        steps: Sequence[Callable] | None = None,
         threshold: float | None = 0.5,
         hysteresis_low: float | None = None,
         min_size: int | None = DEFAULT_MIN_SIZE,
@@ -331,6 +340,7 @@ class PostProcess(_VolumeTransform):
         max_hole_size: int | None = None,
         closing_structure: str = "cube",
         connectivity: int = 26,
+        steps: Sequence[Callable] | None = None,
     ):
         if steps is None:
             steps = _steps_from_settings(
@@ -379,6 +389,37 @@ def postprocess(
     )(prob)
 
 
+# --------------------------------------------------------------------------------------------- functions
+
+
+def binarize(prob, threshold: float = 0.5, hysteresis_low: float | None = None, connectivity: int = 26):
+    """``prob > threshold`` or hysteresis thresholding as uint8 0/1 (see ``Binarize``); same type/shape back."""
+    return Binarize(threshold, hysteresis_low, connectivity)(prob)
+
+
+def remove_small_components(mask, min_size: int | None = DEFAULT_MIN_SIZE, connectivity: int = 26):
+    """Remove components of fewer than ``min_size`` voxels; exactly ``min_size`` is kept (``RemoveSmallComponents``).
+
+    ``cc3d.dust(mask, threshold=min_size)`` deletes components with ``size < threshold`` (cc3d's own
+    semantics, checked in the tests with a component of exactly ``min_size`` voxels).
+    """
+    return RemoveSmallComponents(min_size, connectivity)(mask)
+
+
+def binary_closing(mask, radius: int | None = 1, structure: str = "cube"):
+    """Morphological closing that never erodes the volume border (see ``BinaryClosing``).
+
+    ``structure="ball"`` (Euclidean ball) is the gentler choice on sheets several voxels thick, but it
+    cannot close an in-plane gap of a 1-voxel-thick sheet; the default ``"cube"`` can.
+    """
+    return BinaryClosing(radius, structure)(mask)
+
+
+def fill_holes(mask, max_hole_size: int | None = None, connectivity: int = 6):
+    """Fill background components (6-connected) touching no face, of at most ``max_hole_size`` voxels (``FillHoles``)."""
+    return FillHoles(max_hole_size, connectivity)(mask)
+
+
 # --------------------------------------------------------------------------------------------- dictionary
 
 
@@ -419,21 +460,27 @@ class FillHolesd(_VolumeTransformd):
 
 
 class PostProcessd(_VolumeTransformd):
-    """Dictionary version of ``PostProcess`` (the one ``bundle/configs/inference.json`` wires)."""
+    """Dictionary version of ``PostProcess`` (the one ``bundle/configs/inference.json`` wires).
+
+    Each key holds a probability map (or mask, with ``threshold=None``) as an ndarray, tensor or
+    ``MetaTensor`` shaped (1, Z, Y, X) or (Z, Y, X); it is processed as a CPU numpy volume and comes
+    back as the same type and shape with dtype uint8 / ``torch.uint8`` (a ``MetaTensor`` keeps its meta).
+    Settings as in ``PostProcess``; each step is disabled by None / 0 / False.
+    """
 
     def __init__(
         self,
         keys: KeysCollection,
-        steps: Sequence[Callable] | None = None,
         threshold: float | None = 0.5,
         hysteresis_low: float | None = None,
         min_size: int | None = DEFAULT_MIN_SIZE,
         closing_radius: int | None = 0,
         fill_holes: bool = True,
         max_hole_size: int | None = None,
+        allow_missing_keys: bool = False,
         closing_structure: str = "cube",
         connectivity: int = 26,
-        allow_missing_keys: bool = False,
+        steps: Sequence[Callable] | None = None,
     ):
         super().__init__(keys, allow_missing_keys)
         self.transform = PostProcess(

@@ -18,6 +18,8 @@ over ``zip_path``: a failure at any point leaves no partial zip and an earlier `
 CLI::
 
     python -m custom_components.submission --pred_dir DIR --out submission.zip [--input_dir DIR]
+
+Exit status 0 when written, 1 (message on stderr, nothing written) when a check fails.
 """
 
 from __future__ import annotations
@@ -193,7 +195,7 @@ def write_submission_zip(
 
 
 def main(argv=None) -> int:
-    """CLI entry point; returns the exit status (0 written, 2 problems found)."""
+    """CLI entry point; returns the exit status (0 written, 1 problems found: the message goes to stderr)."""
     ap = argparse.ArgumentParser(
         prog="python -m custom_components.submission",
         description="Check the <id>.tif predictions of a folder and pack them into a Kaggle submission.zip.",
@@ -210,7 +212,7 @@ def main(argv=None) -> int:
                                     compression=args.compression)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     with zipfile.ZipFile(path) as zf:
         n = len(zf.namelist())
     print(f"wrote {path}: {n} volume(s), {os.path.getsize(path)} bytes")

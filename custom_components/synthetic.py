@@ -58,27 +58,27 @@ _MIN_EDGE = 16
 # of label 1 below the inner face; contrast / air: papyrus and void intensity (0..1); noise: CT noise
 # std; blur: Gaussian sigma; fibre: fibre texture amplitude (relative); drift: slow intensity drift
 # amplitude; wave_tan / wave_rad: slope budgets of the along-sheet / spacing-changing undulation;
-# radius: distance of the scroll axis from the volume centre, in largest edges; contacts / holes /
+# radius: distance from the scroll axis to the nearest voxel, in largest edges; contacts / holes /
 # tears: expected number per sheet (pair) per 64^2 voxels of sheet; debris: bright specks per 64^3;
 # skip: probability that a sheet is partly unannotated; unlabeled: range of the label-2 fraction.
 PROFILES: dict[str, dict] = {
     "34117": dict(thickness=(3.5, 5.0), gap=(3.0, 7.0), recto=1.0, contrast=0.42, air=0.16, noise=0.07,
-                  blur=0.8, fibre=0.30, drift=0.15, wave_tan=0.45, wave_rad=0.20, radius=(1.0, 3.0),
+                  blur=0.8, fibre=0.30, drift=0.15, wave_tan=0.45, wave_rad=0.20, radius=(0.5, 3.0),
                   contacts=0.25, holes=0.12, tears=0.08, debris=2.0, skip=0.10, unlabeled=(0.35, 0.60)),
     "35360": dict(thickness=(4.5, 6.0), gap=(4.0, 9.0), recto=1.2, contrast=0.32, air=0.20, noise=0.11,
-                  blur=1.0, fibre=0.25, drift=0.20, wave_tan=0.40, wave_rad=0.20, radius=(1.2, 4.0),
+                  blur=1.0, fibre=0.25, drift=0.20, wave_tan=0.40, wave_rad=0.20, radius=(0.8, 4.0),
                   contacts=0.15, holes=0.10, tears=0.06, debris=3.0, skip=0.10, unlabeled=(0.40, 0.65)),
     "26010": dict(thickness=(3.0, 4.0), gap=(3.0, 5.0), recto=0.8, contrast=0.50, air=0.14, noise=0.05,
-                  blur=0.7, fibre=0.35, drift=0.12, wave_tan=0.50, wave_rad=0.25, radius=(0.9, 2.0),
+                  blur=0.7, fibre=0.35, drift=0.12, wave_tan=0.50, wave_rad=0.25, radius=(0.3, 2.0),
                   contacts=0.40, holes=0.15, tears=0.10, debris=1.0, skip=0.05, unlabeled=(0.30, 0.55)),
     "26002": dict(thickness=(3.5, 5.5), gap=(3.0, 8.0), recto=1.0, contrast=0.38, air=0.18, noise=0.09,
-                  blur=0.9, fibre=0.30, drift=0.30, wave_tan=0.45, wave_rad=0.20, radius=(1.0, 3.0),
+                  blur=0.9, fibre=0.30, drift=0.30, wave_tan=0.45, wave_rad=0.20, radius=(0.5, 3.0),
                   contacts=0.25, holes=0.12, tears=0.08, debris=6.0, skip=0.15, unlabeled=(0.40, 0.65)),
     "44430": dict(thickness=(4.0, 5.5), gap=(3.5, 6.0), recto=1.0, contrast=0.30, air=0.18, noise=0.08,
-                  blur=1.3, fibre=0.20, drift=0.15, wave_tan=0.40, wave_rad=0.15, radius=(1.5, 4.0),
+                  blur=1.3, fibre=0.20, drift=0.15, wave_tan=0.40, wave_rad=0.15, radius=(1.0, 4.0),
                   contacts=0.20, holes=0.10, tears=0.05, debris=2.0, skip=0.10, unlabeled=(0.35, 0.60)),
     "53997": dict(thickness=(3.5, 5.0), gap=(3.0, 6.0), recto=1.0, contrast=0.38, air=0.17, noise=0.14,
-                  blur=0.9, fibre=0.30, drift=0.20, wave_tan=0.50, wave_rad=0.25, radius=(0.9, 2.5),
+                  blur=0.9, fibre=0.30, drift=0.20, wave_tan=0.50, wave_rad=0.25, radius=(0.4, 2.5),
                   contacts=0.30, holes=0.30, tears=0.20, debris=3.0, skip=0.10, unlabeled=(0.40, 0.70)),
 }
 
@@ -180,8 +180,9 @@ def generate_volume(shape, seed=0, profile: str = DEFAULT_PROFILE):
     e1 = r - (r @ a) * a
     e1 /= np.linalg.norm(e1)
     e2 = np.cross(a, e1)
-    dist = float(L * np.exp(rng.uniform(np.log(prof["radius"][0]), np.log(prof["radius"][1]))))
-    dist = max(dist, 0.9 * L)  # the axis lies outside the volume (half-diagonal <= 0.87 L)
+    # the axis lies outside the volume: the innermost voxel is `radius` (in largest edges) from it
+    extent = 0.5 * float(np.abs(e1) @ (np.array(shape) - 1)) + 1.0
+    dist = extent + float(L * np.exp(rng.uniform(np.log(prof["radius"][0]), np.log(prof["radius"][1]))))
     coords = [np.arange(n, dtype=np.float32) - (n - 1) / 2 for n in shape]
 
     def dot(vec):
@@ -198,7 +199,8 @@ def generate_volume(shape, seed=0, profile: str = DEFAULT_PROFILE):
     w = dot(a)  # axial coordinate
     psi = np.sqrt(q1 * q1 + q2 * q2)  # rho
     v = q2 / q1
-    v *= np.float32(dist)  # arc coordinate (gnomonic), ~ voxels along the winding
+    np.arctan(v, out=v)
+    v *= psi  # arc length along the winding (rho * theta)
 
     # ---- undulation: along-sheet waves (large) and spacing-changing waves (bounded radial slope)
     for budget, n_waves, dirs in ((prof["wave_tan"], 3, "tan"), (prof["wave_rad"], 2, "rad")):
@@ -268,6 +270,7 @@ def generate_volume(shape, seed=0, profile: str = DEFAULT_PROFILE):
 
     # ---- holes (ragged discs) and tears (slits) in the (v, w) coordinates of a sheet
     holes = []
+    clear = {}  # sheet -> (centre, distance): the deliberate hole, kept clear of other cuts
 
     def cut(j, p, kind):
         t = thick[band_of[j]]
@@ -281,6 +284,8 @@ def generate_volume(shape, seed=0, profile: str = DEFAULT_PROFILE):
             width = float(rng.uniform(0.8, 1.8))
             ang = rng.uniform(0, np.pi)
             half = length + t + 4
+        if j in clear and np.linalg.norm(np.array(p) - clear[j][0]) < clear[j][1] + 1.4 * (half - t - 4):
+            return
         box, _ = _box(p, half, shape)
         sub = sheet_id[box]
         on = np.nonzero(sub == j)  # evaluate on the sheet's voxels only
@@ -306,7 +311,10 @@ def generate_volume(shape, seed=0, profile: str = DEFAULT_PROFILE):
         if len(cand):
             best = np.bincount(pool_sid[cand]).argmax()
             cand = cand[pool_sid[cand] == best]
-            cut(int(best), pool_zyx[rng.choice(cand)], "hole")
+            p0 = pool_zyx[rng.choice(cand)]
+            cut(int(best), p0, "hole")
+            r0 = holes[0]["size"]
+            clear[int(best)] = (p0, np.sqrt(3) * (1.75 * r0 + 3) + 3)
         for j in range(1, n_sheets + 1):
             cand = np.flatnonzero(pool_sid == j)
             if len(cand) == 0:
@@ -361,7 +369,7 @@ def generate_volume(shape, seed=0, profile: str = DEFAULT_PROFILE):
 
     body = (sheet_id > 0) | bridge
     n_comp = int(cc3d.connected_components(body, connectivity=26, return_N=True)[1])
-    for _ in range(6):  # a sheet cut in two by the volume's faces or a tear: add contacts until they merge
+    for _ in range(40):  # sheets cut in pieces by the volume's faces or tears: add contacts until they merge
         if n_sheets < 2 or n_comp < n_sheets or not pairs:
             break
         deliberate_bridge()

@@ -21,7 +21,11 @@ from custom_components.postprocess import (
     PostProcessd,
     RemoveSmallComponents,
     RemoveSmallComponentsd,
+    binarize,
+    binary_closing,
+    fill_holes,
     postprocess,
+    remove_small_components,
 )
 
 # ------------------------------------------------------------------------------------------ Binarize
@@ -133,6 +137,15 @@ def test_closing_with_ball_cannot_close_gap_in_one_voxel_sheet():
     m[4, 6, :] = 0
     np.testing.assert_array_equal(BinaryClosing(radius=1, structure="ball")(m), m)
     np.testing.assert_array_equal(BinaryClosing(radius=1, structure="cross")(m), m)
+
+
+def test_closing_with_ball_closes_middle_of_slit_in_three_voxel_sheet():
+    m = np.zeros((9, 12, 12), np.uint8)
+    m[3:6] = 1
+    m[3:6, 6, :] = 0                      # slit through the whole thickness
+    expect = m.copy()
+    expect[4, 6, :] = 1                   # the middle layer is bridged; the outer layers keep a groove
+    np.testing.assert_array_equal(BinaryClosing(radius=1, structure="ball")(m), expect)
 
 
 def test_closing_does_not_erode_volume_border():
@@ -251,6 +264,17 @@ def test_postprocess_defaults_and_each_switch():
     np.testing.assert_array_equal(postprocess(thr, threshold=None, min_size=2), filled)
 
 
+def test_closing_runs_before_dust_so_a_cracked_sheet_survives():
+    p = np.zeros((9, 12, 12), np.float32)
+    p[4] = 0.9
+    p[4, 3, :] = p[4, 7, :] = 0.1         # two cracks: pieces of 36, 36 and 48 voxels, all < 64
+    sheet = np.zeros(p.shape, np.uint8)
+    sheet[4] = 1                          # 144 voxels once the cracks are closed
+    np.testing.assert_array_equal(postprocess(p, min_size=64, closing_radius=1), sheet)
+    np.testing.assert_array_equal(postprocess(p, min_size=64), np.zeros_like(sheet))
+    np.testing.assert_array_equal(PostProcessd("pred", 0.5, None, 64, 1)({"pred": p})["pred"], sheet)
+
+
 def test_postprocess_steps_in_order_and_custom_callable():
     p, thr, no_speck, filled, _ = _scene()
     pp = PostProcess(steps=[Binarize(0.5), RemoveSmallComponents(2)])
@@ -293,6 +317,42 @@ def test_metatensor_meta_kept():
     assert out.meta["filename_or_obj"] == "/x/1234.tif"
     assert torch.equal(out.affine, affine)
     np.testing.assert_array_equal(out.as_tensor()[0].numpy(), _scene()[3])
+
+
+def test_postprocessd_metatensor_keeps_meta_and_shape():
+    p = _scene()[0]
+    affine = torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0]))
+    mt = MetaTensor(torch.from_numpy(p)[None], affine=affine, meta={"filename_or_obj": "/x/1234.tif"})
+    out = PostProcessd("pred", threshold=0.5, min_size=2)({"pred": mt})["pred"]
+    assert isinstance(out, MetaTensor) and out.dtype == torch.uint8 and tuple(out.shape) == (1,) + p.shape
+    assert out.meta["filename_or_obj"] == "/x/1234.tif" and torch.equal(out.affine, affine)
+    np.testing.assert_array_equal(out.as_tensor()[0].numpy(), _scene()[3])
+
+
+def test_functional_forms():
+    p = np.zeros((8, 8, 8), np.float32)
+    p[1, 1, 1:4] = [0.9, 0.3, 0.3]        # strong seed with a weak tail
+    p[6, 6, 6] = 0.3                      # weak, isolated
+    b = binarize(p, 0.5, hysteresis_low=0.2)
+    assert b.dtype == np.uint8
+    expect = np.zeros(p.shape, np.uint8)
+    expect[1, 1, 1:4] = 1
+    np.testing.assert_array_equal(b, expect)
+    np.testing.assert_array_equal(remove_small_components(b, 3), expect)      # exactly 3: kept
+    np.testing.assert_array_equal(remove_small_components(b, 4), 0 * expect)  # 3 < 4: removed
+    plane = np.zeros((7, 8, 8), np.uint8)
+    plane[3] = 1
+    plane[3, 4, 4] = 0
+    full = np.zeros_like(plane)
+    full[3] = 1
+    np.testing.assert_array_equal(binary_closing(plane, 1), full)
+    box = np.zeros((7, 7, 7), np.uint8)
+    box[1:6, 1:6, 1:6] = 1
+    box[2:5, 2:5, 2:5] = 0                # cavity of 27
+    solid = np.zeros_like(box)
+    solid[1:6, 1:6, 1:6] = 1
+    np.testing.assert_array_equal(fill_holes(box), solid)
+    np.testing.assert_array_equal(fill_holes(box, max_hole_size=26), box)
 
 
 def test_bad_shape_named():

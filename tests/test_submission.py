@@ -173,8 +173,10 @@ def test_cli(preds, inputs, tmp_path, capsys):
     out = tmp_path / "cli.zip"
     assert main(["--pred_dir", str(preds), "--out", str(out), "--input_dir", str(inputs)]) == 0
     assert f"wrote {out}: 2 volume(s)" in capsys.readouterr().out
-    assert main(["--pred_dir", str(preds), "--out", str(out), "--ids", "1001"]) == 2
+    before = out.read_bytes()
+    assert main(["--pred_dir", str(preds), "--out", str(out), "--ids", "1001"]) == 1
     assert "not among the expected ids: 1002.tif" in capsys.readouterr().err
+    assert out.read_bytes() == before
 
 
 def test_cli_as_module(preds, tmp_path, monkeypatch, capsys):
@@ -188,3 +190,11 @@ def test_cli_as_module(preds, tmp_path, monkeypatch, capsys):
     assert e.value.code == 0 and out.is_file()
     with zipfile.ZipFile(out) as z:
         assert z.namelist() == ["1001.tif", "1002.tif"]
+    write_tiff(preds / "1003.tif", _vol(3, dtype=np.float32))
+    monkeypatch.setattr(sys, "argv", ["submission", "--pred_dir", str(preds), "--out", str(tmp_path / "bad.zip")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(SystemExit) as e:
+            runpy.run_module("custom_components.submission", run_name="__main__")
+    assert e.value.code == 1 and "1003.tif: dtype float32, expected uint8" in capsys.readouterr().err
+    assert not (tmp_path / "bad.zip").exists()

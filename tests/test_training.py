@@ -91,7 +91,7 @@ def test_cli_from_repo_root_and_bundle_dir(data_dir, tmp_path):
 
 def test_torchrun_gloo_two_ranks(data_dir, tmp_path):
     out = tmp_path / "ddp"
-    o = tiny_overrides(data_dir, out, epochs=1, iterations_per_epoch=2, val_interval=1)
+    o = tiny_overrides(data_dir, out, epochs=1, iterations_per_epoch=2, val_interval=1, val_fraction=0.5, val_max_volumes=2)
     cfg = json.dumps([TRAIN_JSON, MULTI_JSON])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "monai.bundle", "run", "training",

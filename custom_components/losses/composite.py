@@ -90,7 +90,9 @@ class CompositeTopologyLoss(_Loss):
                 raise ValueError(f'unknown loss term "{name}" in weights; valid names: {list(TERM_NAMES)}.')
             w = float(w)
             if not (w >= 0 and w < float("inf")):
-                raise ValueError(f'loss term "{name}" has weight {w}; weights must be finite and >= 0 (terms: {list(TERM_NAMES)}).')
+                raise ValueError(
+                    f'loss term "{name}" has weight {w}; weights must be finite and >= 0 (terms: {list(TERM_NAMES)}).'
+                )
             if w > 0:
                 clean[name] = w
         for name in main_head_only:
@@ -143,7 +145,13 @@ class CompositeTopologyLoss(_Loss):
                 "(B, C, *S), or (B, 1 + K, C, *S) stacked deep-supervision heads, with label (B, 1 or 3, *S)."
             )
         for i, h in enumerate(heads):
-            if not isinstance(h, torch.Tensor) or h.dim() != label.dim() or h.shape[0] != label.shape[0] or h.shape[2:] != label.shape[2:]:
+            fits = (
+                isinstance(h, torch.Tensor)
+                and h.dim() == label.dim()
+                and h.shape[0] == label.shape[0]
+                and h.shape[2:] == label.shape[2:]
+            )
+            if not fits:
                 shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
                 raise ValueError(
                     f"head {i} has shape {shape}, label {tuple(label.shape)}: every head must be (B, 1, *S) "
@@ -165,12 +173,13 @@ class CompositeTopologyLoss(_Loss):
         if not isinstance(label, torch.Tensor) or label.dim() not in (4, 5):
             shape = tuple(label.shape) if isinstance(label, torch.Tensor) else type(label).__name__
             raise ValueError(f"label must be a (B, 1 or 3, [Z,] Y, X) tensor, got {shape}.")
+        pred_shape = tuple(pred.shape) if isinstance(pred, torch.Tensor) else f"a list of {len(pred)} heads"
         for name in self.weights:
             if label.shape[1] < _CHANNELS_NEEDED[name]:
                 raise ValueError(
                     f'loss term "{name}" needs label channels 0..{_CHANNELS_NEEDED[name] - 1} '
-                    "([label, signed distance map, tube]) but the label has shape "
-                    f"{tuple(label.shape)}; pred shape {tuple(pred.shape) if isinstance(pred, torch.Tensor) else 'list'}."
+                    f"([label, signed distance map, tube]) but the label has shape {tuple(label.shape)}; "
+                    f"pred: {pred_shape}."
                 )
         heads = self._heads(pred, label)
         hw = self.head_weights(len(heads))

@@ -29,7 +29,9 @@ def _private_load_extension():
     pattern = os.path.join("topolosses", "losses", "betti_matching", "src", "betti_matching*.so")
     found = sorted(p for r in roots for p in glob.glob(os.path.join(r, pattern)))
     if not found:
-        raise ImportError(f"betti_matching extension not found: no {pattern} under {sorted(roots)} (is topolosses installed?).")
+        raise ImportError(
+            f"betti_matching extension not found: no {pattern} under {sorted(roots)} (is topolosses installed?)."
+        )
     spec = importlib.util.spec_from_file_location("betti_matching", found[0])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
