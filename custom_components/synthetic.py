@@ -45,6 +45,7 @@ import numbers
 import os
 from collections.abc import Sequence
 
+import cc3d
 import numpy as np
 from scipy import ndimage
 
@@ -157,7 +158,7 @@ def generate_volume(shape, seed=0, profile: str = DEFAULT_PROFILE):
     normal at the centre), ``recto_side`` (-1: label 1 is on the lower-index face along that axis,
     +1 the upper), ``axis`` / ``axis_distance`` (scroll axis direction and distance from the centre),
     ``holes`` / ``contacts`` (list of dicts with ``sheet`` and ``centre``), ``profile``,
-    ``label1_fraction`` / ``label2_fraction``, and the arrays ``body`` (bool, papyrus incl. bridges)
+    ``label1_fraction`` / ``label2_fraction``, ``skipped_sheets``, and the arrays ``body`` (bool, papyrus incl. bridges)
     and ``sheet_id`` (uint8/uint16: 0 none, 1..n_sheets, bridges excluded).
     """
     shape = _check_shape(shape)
@@ -166,7 +167,6 @@ def generate_volume(shape, seed=0, profile: str = DEFAULT_PROFILE):
     Z, Y, X = shape
     L = max(shape)
     nvox = Z * Y * X
-    area = (L / 64.0) ** 2
 
     # ---- scroll frame: axis a, e1 points from the axis towards the volume centre, e2 = a x e1
     ax = int(rng.choice(3, p=[0.5, 0.25, 0.25]))
@@ -334,7 +334,7 @@ def generate_volume(shape, seed=0, profile: str = DEFAULT_PROFILE):
         rb = float(rng.uniform(2.5, 5.0))
         n = radial(p)
         reach = 1.7 * (t + g) + 2
-        box, lo = _box(np.array(p) + 0.5 * reach * n, rb + 0.5 * reach + 2, shape)
+        box, _ = _box(np.array(p) + 0.5 * reach * n, rb + 0.5 * reach + 2, shape)
         grid = np.stack(np.meshgrid(*[np.arange(sl.start, sl.stop) for sl in box], indexing="ij"), -1) - np.array(p)
         along = grid @ n
         perp2 = (grid * grid).sum(-1) - along * along
@@ -365,14 +365,11 @@ def generate_volume(shape, seed=0, profile: str = DEFAULT_PROFILE):
                 for _ in range(int(rng.poisson(prof["contacts"] * sheet_area))):
                     add_bridge(j, pool_zyx[rng.choice(cand)])
 
-    import cc3d
-
     body = (sheet_id > 0) | bridge
     n_comp = int(cc3d.connected_components(body, connectivity=26, return_N=True)[1])
     for _ in range(40):  # sheets cut in pieces by the volume's faces or tears: add contacts until they merge
-        if n_sheets < 2 or n_comp < n_sheets or not pairs:
+        if n_sheets < 2 or n_comp < n_sheets or not pairs or not deliberate_bridge():
             break
-        deliberate_bridge()
         body = (sheet_id > 0) | bridge
         n_comp = int(cc3d.connected_components(body, connectivity=26, return_N=True)[1])
 
@@ -442,7 +439,7 @@ def generate_volume(shape, seed=0, profile: str = DEFAULT_PROFILE):
     for _ in range(int(rng.poisson(prof["debris"] * nvox / 64.0**3))):
         p = rng.uniform(0, 1, 3) * np.array(shape)
         rad = float(rng.uniform(0.7, 2.0))
-        box, lo = _box(p, rad + 1, shape)
+        box, _ = _box(p, rad + 1, shape)
         grid = np.stack(np.meshgrid(*[np.arange(sl.start, sl.stop) for sl in box], indexing="ij"), -1) - p
         img[box] += np.float32(prof["contrast"] * rng.uniform(0.8, 1.6)) * ((grid * grid).sum(-1) <= rad * rad)
     dvec = rng.standard_normal(3)

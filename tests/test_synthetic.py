@@ -5,7 +5,6 @@ library the generator does not use (scipy.ndimage.label for 26-connected compone
 generator uses cc3d; scikit-image for the Otsu threshold and the Euler number).
 """
 
-import csv
 import hashlib
 import subprocess
 import sys
