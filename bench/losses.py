@@ -16,8 +16,11 @@ Memory: on CUDA the peak allocated during the step above what was allocated befo
 inputs and parameters excluded), which is what a term adds to the network's activations at peak.
 Precision: fp32 on the CPU, bf16 autocast on CUDA (``--precision`` to force), as in training.
 
-Times are the best of ``reps`` repetitions (and their median): on a shared or virtualised host the
+Times are the best of ``reps`` repetitions (terms: at least 3) (and their median): on a shared or virtualised host the
 CPU times of large allocations vary several-fold from page faults, the best is the compute cost.
+
+On the CPU, 128^3 at batch 2 in fp32 needs more than 22 GB of RAM for the bare DynUNet step (run
+``--patch 128 --batch 1 --quick`` on a small host; the ratios hardly depend on the batch).
 
 Budget: all terms except topology (the composite without it) at most 15 % of the bare step, topology
 amortised at most 5 %. The last line gives those ratios.
@@ -181,12 +184,14 @@ def bench_one(size: int, batch: int, device: torch.device, bf16: bool, reps: int
 
     rows = []
 
-    def add(name, step, exclude, reps_=reps, warmup_=warmup):
+    term_reps = max(reps, 3)  # a term costs a fraction of the network step: always best of >= 3
+
+    def add(name, step, exclude, reps_=term_reps, warmup_=warmup):
         best, med, mem = measure(step, device, reps_, warmup_, exclude=exclude)
         rows.append((name, best, med, mem))
         return best, med, mem
 
-    t_net, _, m_net = add("DynUNet fwd+bwd (bare)", net_step, [image, *params])
+    t_net, _, m_net = add("DynUNet fwd+bwd (bare)", net_step, [image, *params], reps_=reps)
     terms = {
         "bce": MaskedBCEWithLogitsLoss(),
         "dice": MaskedSoftDiceLoss(batch=True),
@@ -194,6 +199,7 @@ def bench_one(size: int, batch: int, device: torch.device, bf16: bool, reps: int
         "cldice, checkpointed": MaskedSoftclDiceLoss(checkpoint=True),
         "skeleton_recall": SkeletonRecallLoss(),
         "surface_distance": SurfaceDistanceLoss(clip=CLIP),
+        "topology, crop 16 (one call)": PersistentHomologyLoss(downsample=DOWNSAMPLE, every_n=1, crop=16),
         "topology (one computed call)": PersistentHomologyLoss(downsample=DOWNSAMPLE, every_n=1),
     }
     excl = [base_logits, ds_logits, label]
@@ -202,7 +208,7 @@ def bench_one(size: int, batch: int, device: torch.device, bf16: bool, reps: int
     rows.append((f"topology amortised (/{EVERY_N})", t_topo / EVERY_N, med_topo / EVERY_N, m_topo))
     noise = (2 * torch.randn_like(base_logits.float())).to(base_logits.dtype)
     t_noise, med_noise, m_noise = measure(
-        term_step(terms["topology (one computed call)"], noise), device, reps, 1, exclude=[noise, label]
+        term_step(terms["topology (one computed call)"], noise), device, term_reps, 1, exclude=[noise, label]
     )
     rows.append(("topology, noise input (/1)", t_noise, med_noise, m_noise))
     rows.append((f"topology, noise input (/{EVERY_N})", t_noise / EVERY_N, med_noise / EVERY_N, m_noise))
@@ -220,7 +226,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--device", nargs="+", default=None, help="default: cpu, and cuda when present")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: fp32 on cpu, bf16 on cuda")
-    ap.add_argument("--quick", action="store_true", help="1 warm-up and 1 timed repetition (CPU)")
+    ap.add_argument("--quick", action="store_true", help="network: 1 warm-up, 1 timed repetition (terms: best of 3)")
     ap.add_argument("--reps", type=int, default=None)
     args = ap.parse_args(argv)
     devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
@@ -233,11 +239,15 @@ def main(argv=None):
         for size in args.patch:
             if size % 16:
                 raise ValueError(f"--patch {size}: must be a multiple of 16 (total stride of the bench DynUNet).")
-            rows, t_net, m_net, t_c, t_topo_am, t_noise_am = bench_one(size, args.batch, device, bf16, reps, warmup)
+            rows, t_net, m_net, t_c, t_topo_am, t_noise_am = bench_one(
+                size, args.batch, device, bf16, reps, warmup
+            )
             mem_kind = "peak MB" if device.type == "cuda" else "saved MB"
             threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-            print(f"\n== {dev}{threads}, patch {size}^3, batch {args.batch}, {'bf16' if bf16 else 'fp32'}, reps {reps} ==")
-            print(f"{'step (forward + backward)':38s} {'ms best':>9s} {'ms med':>9s} {'x bare':>7s} {mem_kind:>9s} {'x bare':>7s}")
+            precision = "bf16" if bf16 else "fp32"
+            print(f"\n== {dev}{threads}, patch {size}^3, batch {args.batch}, {precision}, reps {reps} ==")
+            head = f"{'step (forward + backward)':38s} {'ms best':>9s} {'ms med':>9s} {'x bare':>7s}"
+            print(f"{head} {mem_kind:>9s} {'x bare':>7s}")
             for name, best, med, m in rows:
                 print(
                     f"{name:38s} {best * 1e3:9.1f} {med * 1e3:9.1f} {best / t_net:7.3f} "

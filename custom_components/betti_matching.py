@@ -2,10 +2,17 @@
 Segmentation via Persistent Homology") shipped as a compiled module inside the PyPI package ``topolosses``.
 
 ``topolosses``' package ``__init__`` imports torchvision / OpenCV (docs/CONVENTIONS.md), so the extension
-``topolosses/losses/betti_matching/src/betti_matching*.so`` is loaded here by file path: the package
-folder comes from ``importlib.util.find_spec("topolosses")`` (which does not execute the package), the
-module from ``spec_from_file_location``. ``betti_counts`` turns one matching into the counts of the
-competition's TopoScore (shared/METRIC.md).
+``topolosses/losses/betti_matching/src/betti_matching*.so`` is loaded here by file path and ``topolosses``
+itself is never imported: the package folder comes from ``importlib.util.find_spec("topolosses")``
+(which locates a package without executing it) or, failing that, from the site-packages folders; the
+module from ``spec_from_file_location`` + ``module_from_spec`` + ``exec_module``.
+
+The extension (pybind11) exposes ``compute_matching(input1, input2)`` on two float arrays of one shape
+(a V-construction cubical complex: values on voxels, a cube takes the max of its vertices; sublevel
+filtration) and returns a ``BettiMatchingResult`` whose ``num_matched``, ``num_unmatched_input1``,
+``num_unmatched_input2`` are int64 arrays over dimensions 0, 1, 2 (finite persistence pairs only).
+``betti_counts`` turns one matching into the counts of the competition's TopoScore (shared/METRIC.md).
+This module imports only numpy, so that worker processes (``tile_counts``) start light.
 """
 
 from __future__ import annotations
@@ -14,38 +21,77 @@ import functools
 import glob
 import importlib.util
 import os
+import site
+import sys
 
 import numpy as np
 
-__all__ = ["load_extension", "betti_counts"]
+__all__ = ["load_extension", "find_extension", "betti_counts", "tile_counts"]
 
-_INSTALL_HINT = "pip install --no-deps topolosses==0.2.0"
+INSTALL_HINT = "pip install --no-deps topolosses==0.2.0"
+_RELATIVE = os.path.join("losses", "betti_matching", "src")
+_PATTERN = "betti_matching*.so"
+
+
+def _package_dirs() -> list[str]:
+    """Candidate ``topolosses`` folders: the import system's answer first, then every site-packages."""
+    dirs: list[str] = []
+    try:
+        spec = importlib.util.find_spec("topolosses")  # finds the package; does not run its __init__
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        dirs.extend(spec.submodule_search_locations)
+    roots = list(sys.path)
+    try:
+        roots += site.getsitepackages() + [site.getusersitepackages()]
+    except AttributeError:  # some embedded interpreters lack them
+        pass
+    for root in roots:
+        cand = os.path.join(root, "topolosses")
+        if root and os.path.isdir(cand) and cand not in dirs:
+            dirs.append(cand)
+    return dirs
+
+
+def find_extension() -> str:
+    """Path of ``topolosses/losses/betti_matching/src/betti_matching*.so``; ``ImportError`` with the
+    install command when the package or the compiled file is missing."""
+    dirs = _package_dirs()
+    if not dirs:
+        raise ImportError(
+            f"The package 'topolosses' (Betti-Matching-3D extension of the TopoScore) is not installed; install it "
+            f"with `{INSTALL_HINT}` (--no-deps: its dependencies would replace torch)."
+        )
+    for d in dirs:
+        found = sorted(glob.glob(os.path.join(d, _RELATIVE, _PATTERN)))
+        if found:
+            return found[0]
+    where = ", ".join(os.path.join(d, _RELATIVE, _PATTERN) for d in dirs)
+    raise ImportError(f"No compiled Betti-matching extension matches {where}; reinstall with `{INSTALL_HINT}`.")
 
 
 @functools.lru_cache(maxsize=1)
 def load_extension():
-    """The compiled ``betti_matching`` module (loaded once per process, ``topolosses`` never imported).
-
-    Raises ``ImportError`` telling how to install it when the package or the ``.so`` is missing.
-    """
+    """The compiled ``betti_matching`` module, loaded once per process by file path (``topolosses`` is
+    never imported). Raises ``ImportError`` naming ``pip install --no-deps topolosses==0.2.0`` when missing."""
+    path = find_extension()
+    spec = importlib.util.spec_from_file_location("betti_matching", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"Cannot load the Betti-matching extension {path}; reinstall with `{INSTALL_HINT}`.")
+    module = importlib.util.module_from_spec(spec)
     try:
-        spec = importlib.util.find_spec("topolosses")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"The package 'topolosses' is not installed; install it with `{_INSTALL_HINT}` "
-                          "(--no-deps: its dependencies would replace torch).")
-    root = list(spec.submodule_search_locations)[0]
-    pattern = os.path.join(root, "losses", "betti_matching", "src", "betti_matching*.so")
-    found = sorted(glob.glob(pattern))
-    if not found:
-        raise ImportError(f"No Betti-matching extension matches {pattern}; reinstall with `{_INSTALL_HINT}`.")
-    so_spec = importlib.util.spec_from_file_location("betti_matching", found[0])
-    if so_spec is None or so_spec.loader is None:
-        raise ImportError(f"Cannot load the Betti-matching extension {found[0]}; reinstall with `{_INSTALL_HINT}`.")
-    module = importlib.util.module_from_spec(so_spec)
-    so_spec.loader.exec_module(module)
+        spec.loader.exec_module(module)
+    except ImportError as e:
+        raise ImportError(f"Loading the Betti-matching extension {path} failed ({e}); reinstall with `{INSTALL_HINT}`.") from e
     return module
+
+
+def _inverted(mask: np.ndarray) -> np.ndarray:
+    """Foreground 0.0, background 1.0, float64 C-contiguous (the sublevel filtration's H0 = foreground)."""
+    out = np.ones(mask.shape, np.float64)
+    out[mask != 0] = 0.0
+    return out
 
 
 def _pad3(values) -> np.ndarray:
@@ -53,24 +99,31 @@ def _pad3(values) -> np.ndarray:
     return np.pad(v, (0, 3 - v.size))
 
 
-def betti_counts(pred_tile: np.ndarray, label_tile: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(m, p, g): three int64 arrays over dimensions 0, 1, 2 of the Betti matching of (pred, label).
+def betti_counts(pred_tile, label_tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(m, p, g): three int64 arrays over dimensions 0, 1, 2 of the Betti matching of (prediction, label).
 
-    Inputs are binary masks of one 3D shape (any dtype, != 0 is foreground); they are inverted to
-    float64 (foreground 0, background 1) so that the sublevel filtration's H0 counts foreground
-    components. m_k = matched pairs of dimension k, p_k = m_k + unmatched prediction pairs,
-    g_k = m_k + unmatched label pairs (finite persistence pairs only).
+    Inputs are masks of one 3D shape (any dtype, != 0 is foreground). Both are inverted to float64
+    (foreground 0, background 1) and passed to ``compute_matching(prediction, label)`` in that order;
+    m_k = matched pairs of dimension k, p_k = m_k + unmatched prediction pairs, g_k = m_k + unmatched
+    label pairs (finite persistence pairs only: one sheet has p = (0, 0, 0)). An empty tile gives zeros.
     """
     pred_tile, label_tile = np.asarray(pred_tile), np.asarray(label_tile)
-    if pred_tile.shape != label_tile.shape or pred_tile.ndim != 3:
-        raise ValueError(f"pred and label tiles must be 3D of one shape, got pred {pred_tile.shape} and label {label_tile.shape}.")
-    zero = np.zeros(3, np.int64)
+    if pred_tile.ndim != 3 or pred_tile.shape != label_tile.shape:
+        raise ValueError(
+            f"pred and label tiles must be 3D arrays of one shape, got pred {pred_tile.shape} and label {label_tile.shape}."
+        )
     if pred_tile.size == 0:
-        return zero, zero.copy(), zero.copy()
-    a = np.ascontiguousarray(np.where(pred_tile != 0, 0.0, 1.0), dtype=np.float64)
-    b = np.ascontiguousarray(np.where(label_tile != 0, 0.0, 1.0), dtype=np.float64)
-    result = load_extension().compute_matching([a], [b])[0]
+        return np.zeros(3, np.int64), np.zeros(3, np.int64), np.zeros(3, np.int64)
+    result = load_extension().compute_matching(_inverted(pred_tile), _inverted(label_tile))
     m = _pad3(result.num_matched)
-    u1 = _pad3(result.num_unmatched_input1)
-    u2 = _pad3(result.num_unmatched_input2)
-    return m, m + u1, m + u2
+    return m, m + _pad3(result.num_unmatched_input1), m + _pad3(result.num_unmatched_input2)
+
+
+def tile_counts(pred_tile, label_tile) -> tuple[np.ndarray, float, float]:
+    """``((3, 3) int64 [m; p; g] by dimension, wall seconds, CPU seconds)`` of one tile: the job worker
+    processes run (a top-level function of a numpy-only module, so it pickles under fork and spawn alike)."""
+    import time
+
+    t, c = time.perf_counter(), time.process_time()
+    counts = np.stack(betti_counts(pred_tile, label_tile))
+    return counts, time.perf_counter() - t, time.process_time() - c

@@ -1,16 +1,19 @@
-"""Competition score (shared/METRIC.md) of a folder of predicted volumes against a folder of labels.
-
-Files are matched by stem (``<id>.tif`` <-> ``<id>.tif``; any format ``custom_components.io.read_volume``
-reads). Missing or extra predictions and shape mismatches are reported by file name; the command then
-exits with status 1. Volumes are scored in parallel processes (``--workers``); the per-volume rows
-(id, score, topo_score, surface_dice, voi_score, seconds) are printed as a table with a mean row and
-written atomically to ``--out`` as CSV.
+"""Competition score (shared/METRIC.md) of a folder of predicted TIFF volumes against a folder of labels.
 
     python -m custom_components.evaluate --pred_dir DIR --label_dir DIR [--out results.csv] [--workers N]
 
-Python API: ``score_folders(pred_dir, label_dir, workers)`` and
-``compare_postprocessing(raw_dir, post_dir, label_dir, out_csv, workers)`` (raw vs post-processed
-scores per volume and their difference). Heavy imports (numpy, the metric, TIFF readers) are lazy.
+Volumes are matched by id = file stem (``<id>.tif`` / ``<id>.tiff``). Before anything is scored, every
+missing prediction, extra prediction (no label of that id), unreadable file and shape mismatch (shapes
+from the TIFF headers, read with ``tifffile``) is reported by file name on stderr and the command exits
+with status 1. Otherwise each volume is scored with ``custom_components.metrics.leaderboard_score``,
+volumes in parallel processes (``--workers`` in all: min(workers, volumes) volume processes, the rest
+of the workers for the Betti tiles of each volume), and a table of the per-volume rows (id, score,
+topo_score, surface_dice, voi_score, voi, seconds = wall time of the volume incl. reading) with a mean
+row is printed; ``--out`` writes the same rows as CSV, atomically.
+
+Python API: ``score_folders(pred_dir, label_dir, workers)``, ``compare_postprocessing(raw_dir, post_dir,
+label_dir, out_csv, workers)`` (raw vs post-processed scores per volume and their difference; used by
+bundle/configs/evaluate.json), ``format_table``, ``write_csv``, ``main``.
 """
 
 from __future__ import annotations
@@ -23,77 +26,90 @@ import sys
 import tempfile
 import time
 
-__all__ = ["score_folders", "compare_postprocessing", "format_table", "write_csv", "main"]
+__all__ = ["COLUMNS", "score_folders", "compare_postprocessing", "format_table", "write_csv", "main"]
 
-COLUMNS = ("id", "score", "topo_score", "surface_dice", "voi_score", "seconds")
-_SUFFIXES = (".nii.gz", ".tiff", ".tif", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+COLUMNS = ("id", "score", "topo_score", "surface_dice", "voi_score", "voi", "seconds")
+_SUFFIXES = (".tiff", ".tif")
 
 
 def _stem(name: str) -> str | None:
     low = name.lower()
     for s in _SUFFIXES:
-        if low.endswith(s):
+        if low.endswith(s) and len(name) > len(s):
             return name[: -len(s)]
     return None
 
 
-def _volumes(folder: str) -> dict[str, str]:
+def _volumes(folder: str, problems: list[str]) -> dict[str, str]:
+    """id -> path of the TIFFs in ``folder`` (hidden files skipped); problems appended, not raised."""
     if not os.path.isdir(folder):
-        raise ValueError(f"Not a folder: {folder}")
+        problems.append(f"not a folder: {folder}")
+        return {}
     out: dict[str, str] = {}
     for name in sorted(os.listdir(folder)):
         stem = _stem(name)
         path = os.path.join(folder, name)
-        if stem is None or not os.path.isfile(path) or name.startswith("."):
+        if stem is None or name.startswith(".") or not os.path.isfile(path):
             continue
         if stem in out:
-            raise ValueError(f"Two volumes with the stem {stem!r} in {folder}: {os.path.basename(out[stem])} and {name}")
+            problems.append(f"two volumes with the id {stem!r} in {folder}: {os.path.basename(out[stem])} and {name}")
+            continue
         out[stem] = path
     return out
 
 
-def _pairs(pred_dir: str, label_dir: str) -> list[tuple[str, str, str]]:
-    """(id, pred_path, label_path) sorted by id; ValueError naming every missing / extra / mismatched file."""
-    preds, labels = _volumes(pred_dir), _volumes(label_dir)
-    problems = []
-    for stem in sorted(set(labels) - set(preds)):
-        problems.append(f"missing prediction for {os.path.basename(labels[stem])} (expected {stem}.* in {pred_dir})")
-    for stem in sorted(set(preds) - set(labels)):
-        problems.append(f"extra prediction {os.path.basename(preds[stem])} has no label in {label_dir}")
-    if not labels:
-        problems.append(f"no label volumes in {label_dir}")
-    pairs = [(s, preds[s], labels[s]) for s in sorted(set(preds) & set(labels))]
-    for stem, p, g in pairs:  # shapes from the TIFF headers (cheap); other formats are checked when read
-        if p.lower().endswith((".tif", ".tiff")) and g.lower().endswith((".tif", ".tiff")):
-            from custom_components.io import read_tiff_header
+def _tiff_shape(path: str) -> tuple[int, ...]:
+    """Shape of the first series of a TIFF from its header (no pixel data decoded); ValueError naming the file."""
+    import tifffile
 
-            try:
-                sp, sg = read_tiff_header(p)[0], read_tiff_header(g)[0]
-            except ValueError as e:
-                problems.append(str(e))
-                continue
-            if tuple(sp) != tuple(sg):
-                problems.append(f"shape mismatch for {stem}: prediction {os.path.basename(p)} {tuple(sp)} vs label {os.path.basename(g)} {tuple(sg)}")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tuple(int(v) for v in tif.series[0].shape)
+    except Exception as e:  # tifffile raises several types for damaged files
+        raise ValueError(f"cannot read {os.path.basename(path)} ({path}): {e}") from e
+
+
+def _pairs(pred_dir: str, label_dir: str) -> list[tuple[str, str, str]]:
+    """(id, pred_path, label_path) sorted by id; ValueError listing every missing / extra / unreadable /
+    mismatched file (problems joined by "; ")."""
+    problems: list[str] = []
+    preds, labels = _volumes(pred_dir, problems), _volumes(label_dir, problems)
+    for stem in sorted(set(labels) - set(preds)):
+        problems.append(f"missing prediction for {os.path.basename(labels[stem])}: no {stem}.tif in {pred_dir}")
+    for stem in sorted(set(preds) - set(labels)):
+        problems.append(f"extra prediction {os.path.basename(preds[stem])}: no label {stem}.tif in {label_dir}")
+    if os.path.isdir(label_dir) and not labels:
+        problems.append(f"no label volumes (*.tif) in {label_dir}")
+    pairs = [(s, preds[s], labels[s]) for s in sorted(set(preds) & set(labels))]
+    for stem, p, g in pairs:
+        try:
+            sp, sg = _tiff_shape(p), _tiff_shape(g)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        if sp != sg or len(sp) != 3:
+            what = "shape mismatch" if sp != sg else "not a 3D volume"
+            problems.append(f"{what} for {stem}: prediction {os.path.basename(p)} {sp} vs label {os.path.basename(g)} {sg}")
     if problems:
         raise ValueError("; ".join(problems))
     return pairs
 
 
 def _score_one(args) -> dict:
+    """Score one (id, pred_path, label_path, tile_workers); ValueError naming the files on failure."""
     stem, pred_path, label_path, tile_workers = args
-    from custom_components.io import read_volume
+    import tifffile
+
     from custom_components.metrics import leaderboard_score
 
     t0 = time.perf_counter()
-    pred, label = read_volume(pred_path), read_volume(label_path)
-    if pred.shape != label.shape:
-        raise ValueError(f"shape mismatch for {stem}: prediction {os.path.basename(pred_path)} {pred.shape} vs label {os.path.basename(label_path)} {label.shape}")
     try:
+        pred, label = tifffile.imread(pred_path), tifffile.imread(label_path)
         r = leaderboard_score(pred, label, workers=tile_workers)
-    except ValueError as e:
+    except Exception as e:
         raise ValueError(f"{os.path.basename(pred_path)} vs {os.path.basename(label_path)}: {e}") from e
     r["id"] = stem
-    r["seconds_components"] = r["seconds"]
+    r["seconds_components"] = r.pop("seconds")
     r["seconds"] = time.perf_counter() - t0
     return r
 
@@ -105,23 +121,24 @@ def _pool_context():
 
 
 def score_folders(pred_dir, label_dir, workers: int = 1) -> list[dict]:
-    """Per-volume ``leaderboard_score`` dicts (plus ``id``; ``seconds`` = wall time of the volume incl.
-    reading, ``seconds_components`` = the metric's own timings), sorted by id.
+    """Per-volume ``leaderboard_score`` dicts sorted by id, plus ``id``, ``seconds`` (wall time of the
+    volume incl. reading) and ``seconds_components`` (the metric's own timings).
 
-    Raises ``ValueError`` naming every missing / extra prediction and shape mismatch. ``workers``
-    processes score volumes in parallel (one volume: its 8 Betti tiles in parallel instead).
+    Raises ``ValueError`` naming every missing / extra prediction, unreadable file and shape mismatch
+    before scoring anything. ``workers`` processes in all: volumes in parallel, spare workers for tiles.
     """
     pairs = _pairs(os.fspath(pred_dir), os.fspath(label_dir))
     workers = max(1, int(workers))
-    if workers == 1 or len(pairs) == 1:
-        return [_score_one((s, p, g, workers)) for s, p, g in pairs]
+    procs = min(workers, len(pairs))
+    tile_workers = max(1, workers // procs)
+    jobs = [(s, p, g, tile_workers) for s, p, g in pairs]
+    if procs == 1:
+        return [_score_one(j) for j in jobs]
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = [(s, p, g, 1) for s, p, g in pairs]
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_pool_context()) as pool:
-        futures = [pool.submit(_score_one, j) for j in jobs]
-        results, errors = [], []
-        for f in futures:
+    results, errors = [], []
+    with ProcessPoolExecutor(max_workers=procs, mp_context=_pool_context()) as pool:
+        for f in [pool.submit(_score_one, j) for j in jobs]:
             try:
                 results.append(f.result())
             except ValueError as e:
@@ -132,7 +149,7 @@ def score_folders(pred_dir, label_dir, workers: int = 1) -> list[dict]:
 
 
 def _mean_row(rows: list[dict], keys) -> dict:
-    out = {"id": "mean"}
+    out: dict = {"id": "mean"}
     for k in keys:
         vals = [float(r[k]) for r in rows if r.get(k) is not None]
         out[k] = sum(vals) / len(vals) if vals else float("nan")
@@ -140,13 +157,12 @@ def _mean_row(rows: list[dict], keys) -> dict:
 
 
 def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
 def format_table(rows: list[dict], columns) -> str:
-    """A plain-text table of ``rows`` (dicts) over ``columns``; floats with 4 decimals."""
+    """A plain-text table of ``rows`` (dicts) over ``columns``: header, rule, one line per row;
+    floats with 4 decimals, the first column left-aligned, the others right-aligned."""
     cells = [[str(c) for c in columns]] + [[_fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
@@ -155,7 +171,8 @@ def format_table(rows: list[dict], columns) -> str:
 
 
 def write_csv(path, rows: list[dict], columns) -> str:
-    """Write ``rows`` over ``columns`` as CSV to ``path`` atomically (tmp file beside it, fsync, replace)."""
+    """Write ``rows`` over ``columns`` as CSV to ``path`` atomically (tmp file beside it, fsync,
+    ``os.replace``); floats written with ``repr`` (full precision). Returns ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -179,7 +196,7 @@ def write_csv(path, rows: list[dict], columns) -> str:
 
 
 def compare_postprocessing(raw_dir, post_dir, label_dir, out_csv, workers: int = 1) -> list[dict]:
-    """Score raw and post-processed predictions against one label folder; per volume the scores and
+    """Score raw and post-processed predictions against one label folder; the per-volume scores and
     their difference (post - raw) are printed as a table with a mean row and written to ``out_csv``.
 
     Returns the per-volume rows: id, score_raw, score_post, score_diff and the raw / post components
@@ -194,7 +211,9 @@ def compare_postprocessing(raw_dir, post_dir, label_dir, out_csv, workers: int =
         for k in ("topo_score", "surface_dice", "voi_score"):
             row[f"{k}_raw"], row[f"{k}_post"] = a[k], b[k]
         rows.append(row)
-    columns = ["id", "score_raw", "score_post", "score_diff"] + [f"{k}_{s}" for k in ("topo_score", "surface_dice", "voi_score") for s in ("raw", "post")]
+    columns = ["id", "score_raw", "score_post", "score_diff"] + [
+        f"{k}_{s}" for k in ("topo_score", "surface_dice", "voi_score") for s in ("raw", "post")
+    ]
     table_rows = rows + [_mean_row(rows, columns[1:])]
     print(format_table(table_rows, columns))
     write_csv(out_csv, table_rows, columns)
@@ -202,13 +221,17 @@ def compare_postprocessing(raw_dir, post_dir, label_dir, out_csv, workers: int =
 
 
 def main(argv=None) -> int:
-    """Command line; returns the exit status (0 ok, 1 missing / extra / mismatched files)."""
+    """Command line; returns the exit status (0 scored, 1 missing / extra / unreadable / mismatched files)."""
     ap = argparse.ArgumentParser(prog="python -m custom_components.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pred_dir", required=True)
-    ap.add_argument("--label_dir", required=True)
-    ap.add_argument("--out", default=None, help="CSV of per-volume rows and the mean row (written atomically)")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--pred_dir", required=True, help="folder of predicted <id>.tif volumes")
+    ap.add_argument("--label_dir", required=True, help="folder of label <id>.tif volumes (0 / 1 / 2)")
+    ap.add_argument("--out", default=None, help="CSV of the per-volume rows and the mean row (written atomically)")
+    ap.add_argument("--workers", type=int, default=1, help="processes in all (volumes in parallel, then tiles)")
     args = ap.parse_args(argv)
+    if args.workers < 1:
+        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 1
+    t0 = time.perf_counter()
     try:
         rows = score_folders(args.pred_dir, args.label_dir, args.workers)
     except ValueError as e:
@@ -217,6 +240,7 @@ def main(argv=None) -> int:
         return 1
     table_rows = rows + [_mean_row(rows, COLUMNS[1:])]
     print(format_table(table_rows, COLUMNS))
+    print(f"{len(rows)} volumes in {time.perf_counter() - t0:.1f} s ({args.workers} workers)")
     if args.out:
         write_csv(args.out, table_rows, COLUMNS)
         print(f"wrote {args.out}")

@@ -124,3 +124,24 @@ def test_bad_arguments():
     for kw in ({"downsample": 0}, {"pool": "median"}, {"every_n": 0}, {"homology_dims": (3,)}):
         with pytest.raises(ValueError):
             PersistentHomologyLoss(**kw)
+
+
+def test_crop_window_maps_back_to_the_right_voxels():
+    small, small_label = spurious_component()
+    p = torch.full((1, 1, 9, 9, 9), 0.1)
+    label = torch.zeros(1, 1, 9, 9, 9)
+    p[..., 4:, 4:, 4:] = small
+    label[..., 4:, 4:, 4:] = small_label
+    loss = ph(crop=5)
+    loss._windows = lambda spatial, batch: [(4, 4, 4)] * batch
+    x = p.clone().requires_grad_(True)
+    v = loss(x, label)
+    assert float(v.detach()) == pytest.approx(0.125, rel=1e-5)
+    v.backward()
+    assert float(x.grad[0, 0, 5, 5, 8]) == pytest.approx(0.5, rel=1e-5)
+    assert float(x.grad[0, 0, 5, 5, 7]) == pytest.approx(-0.5, rel=1e-5)
+    assert int((x.grad != 0).sum()) == 2
+    # random windows: inside the map, and the whole map when crop >= its size
+    starts = ph(crop=4)._windows((9, 6, 3), 5)
+    assert all(0 <= a <= 5 and 0 <= b <= 2 and c == 0 for a, b, c in starts)
+    assert float(ph(crop=9)(p, label)) == pytest.approx(float(ph()(p, label)))

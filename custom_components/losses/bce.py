@@ -68,10 +68,9 @@ class MaskedBCEWithLogitsLoss(_Loss):
         check_pair(type(self).__name__, input, target)
         fg, valid = split_label(target)
         x = input.float()
-        w = self.batch_pos_weight(fg, valid)
-        # BCE with a positive weight: w*y*softplus(-x) + (1-y)*softplus(x), the same as
-        # F.binary_cross_entropy_with_logits(pos_weight=w).
-        per_voxel = F.binary_cross_entropy_with_logits(x, fg, pos_weight=w.reshape(1), reduction="none")
+        # w * y * softplus(-x) + (1 - y) * softplus(x); the unweighted kernel is faster when w is fixed at 1
+        w = None if self.pos_weight == 1.0 else self.batch_pos_weight(fg, valid).reshape(1)
+        per_voxel = F.binary_cross_entropy_with_logits(x, fg, pos_weight=w, reduction="none")
         per_voxel = torch.where(valid > 0, per_voxel, torch.zeros((), device=x.device))
         if self.reduction == LossReduction.NONE.value:
             return per_voxel

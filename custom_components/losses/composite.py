@@ -54,6 +54,7 @@ class CompositeTopologyLoss(_Loss):
         topology_every_n: int = 10,
         topology_downsample: int = 4,
         topology_pool: str = "max",
+        topology_crop: int | None = None,
         deep_supervision_decay: float = 0.5,
         main_head_only: Sequence[str] = ("cldice", "skeleton_recall", "topology"),
     ) -> None:
@@ -74,6 +75,8 @@ class CompositeTopologyLoss(_Loss):
                 Defaults to 10.
             topology_downsample: pooling factor before the Betti matching. Defaults to 4.
             topology_pool: ``"max"`` or ``"avg"``. Defaults to ``"max"``.
+            topology_crop: run the matching on a random window of this side in the pooled map (bounds its
+                time), or None for the whole map. Defaults to None.
             deep_supervision_decay: head i weighs ``decay**i`` before normalisation, in (0, 1]. Defaults to 0.5.
             main_head_only: terms computed on the main head only. Defaults to the three costly ones.
 
@@ -112,7 +115,7 @@ class CompositeTopologyLoss(_Loss):
             "skeleton_recall": lambda: SkeletonRecallLoss(batch=skeleton_recall_batch),
             "surface_distance": lambda: SurfaceDistanceLoss(clip=surface_clip),
             "topology": lambda: PersistentHomologyLoss(
-                downsample=topology_downsample, pool=topology_pool, every_n=topology_every_n
+                downsample=topology_downsample, pool=topology_pool, every_n=topology_every_n, crop=topology_crop
             ),
         }
         self.terms = torch.nn.ModuleDict({n: builders[n]() for n in self.weights})
