@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
+from custom_components.io import fsync_dir
 
 __all__ = [
     "atomic_torch_save",
@@ -41,19 +42,6 @@ logger = logging.getLogger("vesuvius.checkpoint")
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the network configured."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
@@ -76,7 +64,7 @@ def atomic_torch_save(obj, path: str | Path) -> None:
         if isinstance(e, (OSError, RuntimeError)):  # torch.save wraps a failed write in a RuntimeError
             raise OSError(getattr(e, "errno", None), f"could not write checkpoint {path} ({e}); the previous file is intact") from e
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

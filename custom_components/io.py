@@ -273,7 +273,8 @@ def read_volume(path) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder) -> None:
+    """fsync a folder so a rename in it survives a crash (best effort: some file systems refuse)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -347,7 +348,7 @@ def write_volume(path, array, compression: str | None = "lzw") -> str:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return path
 
 

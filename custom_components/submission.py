@@ -32,6 +32,7 @@ import zipfile
 from collections.abc import Iterable
 
 import numpy as np
+from custom_components.io import fsync_dir
 
 __all__ = ["write_submission_zip", "find_predictions", "main"]
 
@@ -80,19 +81,6 @@ def _normalize_ids(ids) -> list[str]:
         stem, ext = os.path.splitext(i)
         out.append(stem if ext.lower() in _SUFFIXES else i)
     return [i for i in out if i]
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _check(preds: dict[str, str], ids: list[str] | None, inputs: dict[str, str] | None) -> list[str]:
@@ -190,7 +178,7 @@ def write_submission_zip(
         except OSError:
             pass
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return zip_path
 
 
