@@ -7,15 +7,16 @@ sheet normal, dust voxels added, single-voxel holes punched):
 - ``synthetic``: ``custom_components.synthetic.generate_volume`` (scroll-like: wound, undulating sheets with
   holes, bridges, a 1-2 voxel recto layer, label 2 on the border and unannotated blobs), default 128^3.
   Its recto layer is 26- but not 6-connected, and the Betti matching (V-construction: 6-connected
-  foreground) sees hundreds of components and thousands of loops per 64^3 tile; its cost grows about
-  quadratically with the tile volume (about 0.2 / 2.4 / 12 s for 32^3 / 48^3 / 64^3 tiles on one core), so a
-  320^3 volume of this kind takes hours and is not part of the default run (``--synthetic_sizes 320`` to try).
+  foreground) sees hundreds of components and thousands of loops per tile; its cost grows with about the
+  5th power of the tile edge (one core, corner tiles of a seed-0 320^3 volume: 64^3 4 s, 80^3 11 s,
+  96^3 28 s, 112^3 59 s, 128^3 124 s; 8.7k loops), i.e. about 6 min per 160^3 tile and 50 CPU minutes for
+  the 8 tiles of one 320^3 volume, so that size is not in the default run (``--synthetic_sizes 320``).
 - ``sheets``: undulating 2-voxel sheets (6-connected), label 2 on a 3-voxel border and an unlabeled slab,
   default 128^3 and 320^3: the Betti matching then costs about 14 s of one core per 160^3 tile.
 
 The table gives wall seconds per component side by side (for the fast path ``topo`` is the wall time of the
-tile processes, which overlaps SurfaceDice and VOI running in the calling process), ``cpu`` the CPU seconds
-of this process and its children, ``N-core est.`` the reference's CPU seconds (one process: its wall time
+tile processes, which overlaps SurfaceDice and VOI running in the calling process) and CPU seconds (for
+``topo`` the sum over the tiles, for ``total`` this process and its children), ``N-core est.`` the reference's CPU seconds (one process: its wall time
 on an idle core) against the fast path's wall time projected from its CPU seconds onto N idle cores
 (``projected_fast``), and whether every value key is identical. The host load average is printed: on a
 shared machine the measured wall times depend on it. The last line is ``speedup: N`` = measured reference
@@ -111,7 +112,8 @@ def main(argv=None) -> int:
     w = args.workers
     print(f"metric benchmark: reference (1 process) vs fast (workers={w}); {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at start")
-    head = f"{'volume':<16} {'component':<13} {'reference_s':>11} {f'fast_w{w}_s':>10} {'ratio':>7}"
+    head = (f"{'volume':<16} {'component':<13} {'reference_s':>11} {f'fast_w{w}_s':>10} {'ratio':>7}"
+            f" {'ref_cpu_s':>9} {'fast_cpu_s':>10}")
     print(head)
     print("-" * len(head))
     speedup, projected, ok = float("nan"), float("nan"), True
@@ -124,9 +126,11 @@ def main(argv=None) -> int:
         fast, t_fast, c_fast = _run(leaderboard_score, pred, label, workers=w)
         rs, fs = ref["seconds"], fast["seconds"]
         for comp in ("surface_dice", "voi", "topo"):
-            print(f"{name:<16} {comp:<13} {rs[comp]:11.2f} {fs[comp]:10.2f} {rs[comp] / max(fs[comp], 1e-9):7.2f}")
-        print(f"{name:<16} {'total':<13} {t_ref:11.2f} {t_fast:10.2f} {t_ref / t_fast:7.2f}")
-        print(f"{name:<16} {'cpu':<13} {c_ref:11.2f} {c_fast:10.2f} {c_ref / max(c_fast, 1e-9):7.2f}")
+            cr = sum(rs["cpu"]["topo_tiles"]) if comp == "topo" else rs["cpu"][comp]
+            cf = sum(fs["cpu"]["topo_tiles"]) if comp == "topo" else fs["cpu"][comp]
+            print(f"{name:<16} {comp:<13} {rs[comp]:11.2f} {fs[comp]:10.2f} {rs[comp] / max(fs[comp], 1e-9):7.2f}"
+                  f" {cr:9.2f} {cf:10.2f}")
+        print(f"{name:<16} {'total':<13} {t_ref:11.2f} {t_fast:10.2f} {t_ref / t_fast:7.2f} {c_ref:9.2f} {c_fast:10.2f}")
         est = projected_fast(fs, w)
         print(f"{name:<16} {f'{w}-core est.':<13} {c_ref:11.2f} {est:10.2f} {c_ref / est:7.2f}")
         projected = c_ref / est

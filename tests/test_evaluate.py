@@ -18,7 +18,8 @@ import tifffile
 
 from custom_components import evaluate
 
-pytestmark = pytest.mark.timeout(120)
+# surface-distance 0.1 imports scipy.ndimage.filters / .morphology (deprecated names; not our code)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")]
 
 N = 12
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -36,7 +36,8 @@ from custom_components.metrics import (
     voi,
 )
 
-pytestmark = pytest.mark.timeout(120)
+# surface-distance 0.1 imports scipy.ndimage.filters / .morphology (deprecated names; not our code)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")]
 
 N = 12
 
