@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
-from custom_components.io import fsync_dir
+from custom_components.atomic import fsync_dir
 
 __all__ = [
     "atomic_torch_save",

@@ -20,9 +20,10 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+
+from custom_components.atomic import atomic_write_json
 
 __all__ = ["dataset_folder_name", "dataset_json", "convert", "main"]
 
@@ -48,22 +49,6 @@ def dataset_json(num_training: int, name: str = "VesuviusSurface") -> dict:
         "numTraining": int(num_training),
         "file_ending": ".nii.gz",
     }
-
-
-def _write_json(obj: dict, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _convert_one(src: str, dst: str) -> str:
@@ -123,7 +108,7 @@ def convert(
     n = max(1, int(workers) if workers else min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=n) as pool:
         list(pool.map(lambda job: _convert_one(*job), jobs))
-    _write_json(dataset_json(len(rows), name), os.path.join(folder, "dataset.json"))
+    atomic_write_json(os.path.join(folder, "dataset.json"), dataset_json(len(rows), name))
     return folder
 
 

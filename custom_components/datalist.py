@@ -29,10 +29,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+from custom_components.atomic import atomic_write_json
 
 __all__ = ["SPLITS", "make_datalist", "write_datalist", "load_datalist", "main"]
 
@@ -196,19 +196,7 @@ def write_datalist(datalist: dict, path) -> str:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(datalist, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_json(path, datalist)
 
 
 def _absolute(entry: dict, base: str) -> dict:

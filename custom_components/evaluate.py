@@ -23,8 +23,8 @@ import csv
 import io as _stdio
 import os
 import sys
-import tempfile
 import time
+from custom_components.atomic import atomic_write_text
 
 __all__ = ["COLUMNS", "score_folders", "compare_postprocessing", "format_table", "write_csv", "main"]
 
@@ -181,18 +181,7 @@ def write_csv(path, rows: list[dict], columns) -> str:
     w.writeheader()
     for r in rows:
         w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items() if k in columns})
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".csv", dir=folder)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_text(path, buf.getvalue(), newline="")
 
 
 def compare_postprocessing(raw_dir, post_dir, label_dir, out_csv, workers: int = 1) -> list[dict]:

@@ -33,10 +33,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from monai.data import ImageReader, ImageWriter
 from monai.data.image_reader import _copy_compatible_dict, _stack_images
 from monai.data import image_writer as _image_writer
 from monai.data.image_writer import register_writer
+
+from custom_components.atomic import fsync_dir
 
 __all__ = [
     "VolumeFileError",
@@ -271,20 +274,6 @@ def read_volume(path) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- writing
-
-
-def fsync_dir(folder) -> None:
-    """fsync a folder so a rename in it survives a crash (best effort: some file systems refuse)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _suffix_of(path: str) -> str:

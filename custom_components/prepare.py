@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+from custom_components.atomic import atomic_write_json
 
 __all__ = ["CACHE_VERSION", "prepare_cache", "prepare_volume", "open_cached", "is_complete", "CacheError"]
 
@@ -38,15 +39,6 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(array))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -148,7 +140,7 @@ def prepare_volume(entry: dict, cache_dir: str | Path, settings: dict) -> str:
         "label_fraction": float((label == 1).mean()),
         "unlabeled_fraction": float((label == 2).mean()),
     }
-    _atomic_json(vol_dir / "meta.json", meta)
+    atomic_write_json(vol_dir / "meta.json", meta, indent=1)
     return str(vol_dir)
 
 

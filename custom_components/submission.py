@@ -32,7 +32,7 @@ import zipfile
 from collections.abc import Iterable
 
 import numpy as np
-from custom_components.io import fsync_dir
+from custom_components.atomic import fsync_dir
 
 __all__ = ["write_submission_zip", "find_predictions", "main"]
 
