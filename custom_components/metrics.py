@@ -295,7 +295,7 @@ def _tile_counts_serial(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, list[
 
     out, walls, cpus = [], [], []
     for s in tiles(p.shape):
-        c, t, u = tile_counts(p[s], g[s])
+        c, t, u = tile_counts(p[s], g[s], reference=True)
         out.append(c)
         walls.append(t)
         cpus.append(u)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from custom_components import betti_matching
-from custom_components.betti_matching import betti_counts, load_extension
+from custom_components.betti_matching import betti_counts, betti_counts_reference, finite_pair_counts, load_extension
 from custom_components.metrics import (
     LeaderboardIgniteMetric,
     LeaderboardMetric,
@@ -110,6 +110,51 @@ def test_betti_counts_order_and_dimensions():
     assert list(p) == [0, 0, 0]
     with pytest.raises(ValueError, match=r"\(2, 2, 2\).*\(2, 2, 3\)"):
         betti_counts(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)))
+
+
+def test_finite_pair_counts_by_hand():
+    """(b0 - 1, b1, b2) of the foreground complex: hand-counted shapes."""
+    box = np.zeros((9, 9, 9), np.uint8)
+    assert list(finite_pair_counts(box)) == [0, 0, 0]  # empty
+    solid = box.copy()
+    solid[2:7, 2:7, 2:7] = 1
+    assert list(finite_pair_counts(solid)) == [0, 0, 0]  # one component, nothing else
+    two = solid.copy()
+    two[2:7, 4, 2:7] = 0  # cut in two by a wall: two components
+    assert list(finite_pair_counts(two)) == [1, 0, 0]
+    diagonal = box.copy()
+    diagonal[1, 1, 1] = diagonal[2, 2, 2] = 1  # 26- but not 6-neighbours: two components for the V-construction
+    assert list(finite_pair_counts(diagonal)) == [1, 0, 0]
+    ring = box.copy()
+    ring[4, 3:6, 3:6] = 1
+    ring[4, 4, 4] = 0  # 8 voxels, 8 edges, no square: chi 0, one loop
+    assert list(finite_pair_counts(ring)) == [0, 1, 0]
+    shell = solid.copy()
+    shell[4, 4, 4] = 0  # a closed cavity
+    assert list(finite_pair_counts(shell)) == [0, 0, 1]
+    shell[3:6, 3:6, 3:6] = 0  # a bigger cavity, still closed
+    assert list(finite_pair_counts(shell)) == [0, 0, 1]
+    cup = box.copy()
+    cup[:5, 2:7, 2:7] = 1
+    cup[:4, 4, 4] = 0  # a cavity open to the box's face is no cavity (and no loop)
+    assert list(finite_pair_counts(cup)) == [0, 0, 0]
+    full = np.ones((4, 5, 6), np.uint8)
+    assert list(finite_pair_counts(full)) == [0, 0, 0]
+    with pytest.raises(ValueError, match=r"3D.*\(4, 4\)"):
+        finite_pair_counts(np.ones((4, 4)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_betti_counts_agree_with_the_extensions_unmatched_pairs(seed):
+    """p and g counted from Betti numbers equal m + unmatched pairs as Betti-Matching-3D reports them."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(6, 24, 3))
+    pred = rng.random(shape) < rng.uniform(0.2, 0.8)
+    label = rng.random(shape) < rng.uniform(0.2, 0.8)
+    fast, ref = betti_counts(pred, label), betti_counts_reference(pred, label)
+    for a, b in zip(fast, ref):
+        assert list(a) == list(b)
+    assert fast[1].sum() > 0 and fast[2].sum() > 0  # random masks have topology to count
 
 
 # ----------------------------------------------------------------------------------------- edge cases
