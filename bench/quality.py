@@ -193,6 +193,82 @@ def summary_lines(results: dict[str, dict]) -> list[str]:
             f"composite: {mean_of('composite_s')}"]
 
 
+def hard_case(held_root: str, a) -> tuple[str, list[tuple[str, int]]]:
+    """The held-out volume with the most contacts + holes, and the Z slices through one contact (touching
+    sheets) and one hole, regenerated from the generator's own record of where it put them."""
+    from custom_components.synthetic import dataset_ids, generate_volume
+
+    ids = dataset_ids(a.test_seed, a.test_profile, 1 + a.test_volumes)
+    best = None
+    for i in range(1, 1 + a.test_volumes):  # volume 0 is the set's one training volume
+        _, _, info = generate_volume(tuple(a.shape), (a.test_seed, i), a.test_profile)
+        holes = [h for h in info["holes"] if h["kind"] == "hole"]
+        n = len(info["contacts"]) + len(holes)
+        if best is None or n > best[0]:
+            best = (n, ids[i], info["contacts"], holes)
+    _, vid, contacts, holes = best
+    slices = [(f"contact of sheets {c['sheets']}", int(c["centre"][0])) for c in contacts[:1]]
+    slices += [(f"hole in sheet {h['sheet']}", int(h["centre"][0])) for h in holes[:1]]
+    return vid, slices or [("mid slice", a.shape[0] // 2)]
+
+
+def figures(out: str, held_root: str, folders: dict[str, str], run_dirs: dict[str, str], a) -> list[str]:
+    """``hard_case.png`` (image, label and each row's prediction on the hard case's slices) and
+    ``curves.png`` (validation score and Dice loss per epoch of every trained row, the composite's terms)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from custom_components.report import read_scalars
+
+    vid, slices = hard_case(held_root, a)
+    image = read_volume(os.path.join(held_root, "test_images", f"{vid}.tif"))
+    label = read_volume(os.path.join(held_root, "test_labels", f"{vid}.tif"))
+    cols = [("image", None), ("label (1 white, 2 grey)", None)] + list(folders.items())
+    fig, axes = plt.subplots(len(slices), len(cols), figsize=(2.6 * len(cols), 2.8 * len(slices)), squeeze=False)
+    for r, (what, z) in enumerate(slices):
+        for c, (name, folder) in enumerate(cols):
+            ax = axes[r, c]
+            if c == 0:
+                ax.imshow(image[z], cmap="gray")
+            elif c == 1:
+                ax.imshow(np.where(label[z] == 2, 0.35, (label[z] == 1).astype(float)), cmap="gray", vmin=0, vmax=1)
+            else:
+                pred = read_volume(os.path.join(folder, f"{vid}.tif"))[z]
+                ax.imshow(np.where(label[z] == 2, 0.35, pred.astype(float)), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(f"{name}\nz={z}: {what}" if c < 2 else name, fontsize=7)
+            ax.axis("off")
+    fig.suptitle(f"held-out volume {vid} (scroll {a.test_profile}); predictions grey where label 2", fontsize=8)
+    fig.tight_layout()
+    hard_png = os.path.join(out, "hard_case.png")
+    fig.savefig(hard_png, dpi=90)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    first = None
+    for name, run_dir in run_dirs.items():
+        scalars = read_scalars(run_dir)
+        for ax, tag in ((axes[0], "val_score"), (axes[1], "loss/dice")):
+            if tag in scalars:
+                steps, values = zip(*scalars[tag])
+                ax.plot(steps, values, marker=".", label=name)
+        if first is None and name.startswith("composite"):
+            first = name
+            for tag in sorted(t for t in scalars if t.startswith("loss/")):
+                steps, values = zip(*scalars[tag])
+                axes[2].plot(steps, values, marker=".", label=tag[5:])
+    axes[0].set(title="validation score (training-profile volumes)", xlabel="epoch")
+    axes[1].set(title="soft Dice loss, every row (epoch mean)", xlabel="epoch")
+    axes[2].set(title=f"every loss term of {first} (unweighted)", xlabel="epoch")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    curves_png = os.path.join(out, "curves.png")
+    fig.savefig(curves_png, dpi=90)
+    plt.close(fig)
+    return [hard_png, curves_png]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "quality"))
@@ -224,6 +300,7 @@ def main(argv=None) -> int:
     for row, folder in trivial_predictions(data[2], a.out).items():
         results[row] = {**score(folder, labels, a.workers), "train_s": None, "s_per_step": None}
     curves = {}
+    folders = {"threshold": os.path.join(a.out, "trivial", "threshold")}
     for name, weights, seed in loss_rows(a.seeds):
         if a.rows and name not in a.rows:
             continue
@@ -233,6 +310,10 @@ def main(argv=None) -> int:
         results[name] = {**score(r["raw"], labels, a.workers), **timing}
         results[f"{name}+post"] = {**score(r["post"], labels, a.workers), **timing}
         curves[name] = r["run_dir"]
+        if name.endswith("_s" + str(a.seeds[0])):
+            folders[name] = r["raw"]
+            if name.startswith("composite"):
+                folders[name + "+post"] = r["post"]
         print(f"   score {results[name]['score']:.4f}, +post {results[name + '+post']['score']:.4f}, "
               f"{r['train_s']:.0f} s", flush=True)
     if not a.skip_nnunet:
@@ -244,7 +325,9 @@ def main(argv=None) -> int:
         nn = train_and_predict(data[0], os.path.join(data[2], "test_images"), os.path.join(a.out, "nnunet"),
                                budget_s=budget, threads=int(os.environ["OMP_NUM_THREADS"]))
         results["nnunet"] = {**score(nn["pred_dir"], labels, a.workers), "train_s": nn.get("train_s"),
-                             "s_per_step": nn.get("s_per_iteration"), "nnunet": {k: v for k, v in nn.items()}}
+                             "s_per_step": nn.get("s_per_iteration"), "nnunet": dict(nn)}
+        folders["nnunet"] = nn["pred_dir"]
+    pngs = figures(a.out, data[2], folders, curves, a)
     text = table(results) + "\n\n" + "\n".join(summary_lines(results))
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"args": vars(a), "results": results, "run_dirs": curves,
@@ -252,7 +335,7 @@ def main(argv=None) -> int:
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(text + "\n")
     print(text)
-    print(f"wall time {time.perf_counter() - t_start:.0f} s; results in {a.out}")
+    print(f"wall time {time.perf_counter() - t_start:.0f} s; results in {a.out}; figures {', '.join(pngs)}")
     return 0
 
 
