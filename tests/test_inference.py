@@ -13,10 +13,9 @@ from monai.bundle import ConfigWorkflow
 
 from custom_components.inference import ProbabilityEnsemble, RobustSlidingWindowInferer, parse_ckpt_paths
 from custom_components.network import build_dynunet
-from training_utils import INFER_JSON, PYTHON, REPO, TRAIN_JSON, make_data, tiny_overrides
+from training_utils import INFER_JSON, PYTHON, REPO, TINY_NET as NET, TRAIN_JSON, make_data, tiny_overrides
 
 EVAL_JSON = os.path.join(REPO, "bundle", "configs", "evaluate.json")
-NET = {"patch_size": [16, 16, 16], "filters": [4, 8, 16], "deep_supr_num": 1}
 
 
 @pytest.fixture(scope="module")
