@@ -325,7 +325,7 @@ def main(argv=None) -> int:
         nn = train_and_predict(data[0], os.path.join(data[2], "test_images"), os.path.join(a.out, "nnunet"),
                                budget_s=budget, threads=int(os.environ["OMP_NUM_THREADS"]))
         results["nnunet"] = {**score(nn["pred_dir"], labels, a.workers), "train_s": nn.get("train_s"),
-                             "s_per_step": nn.get("s_per_iteration"), "nnunet": dict(nn)}
+                             "s_per_step": nn.get("s_per_iter"), "nnunet": dict(nn)}
         folders["nnunet"] = nn["pred_dir"]
     pngs = figures(a.out, data[2], folders, curves, a)
     text = table(results) + "\n\n" + "\n".join(summary_lines(results))
