@@ -12,7 +12,7 @@ is changed):
    the test TIFFs become ``<id>_0000.nii.gz`` the same way (``custom_components.io``).
 3. ``nnUNetv2_plan_and_preprocess -d ID -c 3d_fullres -np 1 -npfp THREADS --verify_dataset_integrity``
    (``-npfp``: fingerprint processes, nnU-Net's default 8).
-4. ``nnUNetv2_train ID 3d_fullres all -tr nnUNetTrainer_WallClock -device cpu``. nnU-Net has no time
+4. ``nnUNetv2_train ID 3d_fullres all -tr nnUNetTrainer_WallClock -device cpu`` (``--device cuda`` on a GPU). nnU-Net has no time
    limit, so a trainer class file is generated into the venv's ``nnunetv2/training/nnUNetTrainer/``
    package (nnU-Net's documented way to add a trainer): ``nnUNetTrainer`` with short epochs
    (``iters_per_epoch`` = 25 train + ``val_iters`` = 5 validation iterations: nnU-Net's 250 / 50 ratio),
@@ -464,6 +464,7 @@ def train_and_predict(
     n_proc_da: int | None = None,
     venv=DEFAULT_VENV,
     grace_s: float | None = None,
+    device: str = "cpu",
     log=print,
 ) -> dict:
     """Convert ``data_root`` (Kaggle layout), plan + preprocess, train nnU-Net v2 3d_fullres on the CPU for
@@ -579,7 +580,7 @@ def train_and_predict(
     t0 = time.time()
     try:
         _run([os.path.join(bindir, "nnUNetv2_train"), str(dataset_id), CONFIGURATION, str(fold), "-tr", TRAINER_NAME,
-              "-device", "cpu"], train_env, train_log, timeout=budget_s + grace, log=log)
+              "-device", device], train_env, train_log, timeout=budget_s + grace, log=log)
     except subprocess.TimeoutExpired:
         killed = True
         log(f"nnUNetv2_train killed at budget + {grace:.0f} s; predicting with checkpoint_latest.pth")
@@ -604,7 +605,7 @@ def train_and_predict(
     pred_nii = os.path.join(work_dir, "pred_nifti")
     shutil.rmtree(pred_nii, ignore_errors=True)
     cmd = [os.path.join(bindir, "nnUNetv2_predict"), "-i", test_in, "-o", pred_nii, "-d", str(dataset_id),
-           "-c", CONFIGURATION, "-f", str(fold), "-tr", TRAINER_NAME, "-chk", checkpoint, "-device", "cpu",
+           "-c", CONFIGURATION, "-f", str(fold), "-tr", TRAINER_NAME, "-chk", checkpoint, "-device", device,
            "-npp", "1", "-nps", "1", "--disable_progress_bar"]
     if disable_tta:
         cmd.append("--disable_tta")
@@ -716,6 +717,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr_schedule", choices=("time", "epochs"), default="time")
     ap.add_argument("--disable_tta", action="store_true", help="no test-time mirroring (8x faster prediction)")
     ap.add_argument("--venv", default=DEFAULT_VENV)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="nnU-Net's -device (cuda for a GPU comparison)")
     ap.add_argument("--summary", default=None, help="JSON summary path (default WORK_DIR/summary.json)")
     ap.add_argument("--check_axes", action="store_true", help="only run the axis round-trip check")
     args = ap.parse_args(argv)
@@ -727,7 +729,7 @@ def main(argv=None) -> int:
         s = train_and_predict(args.data_root, args.test_images, args.work_dir, args.budget_s, args.threads,
                               dataset_id=args.dataset_id, fold=args.fold, iters_per_epoch=args.iters_per_epoch,
                               val_iters=args.val_iters, lr_schedule=args.lr_schedule, disable_tta=args.disable_tta,
-                              venv=args.venv)
+                              venv=args.venv, device=args.device)
         if args.label_dir:
             s["score"] = score(s["pred_dir"], args.label_dir, os.path.join(args.work_dir, "results.csv"), args.threads)
     except (ValueError, RuntimeError) as e:
