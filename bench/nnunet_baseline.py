@@ -396,13 +396,13 @@ def check_axis_roundtrip(python_exe: str, tmp_dir, shape=(24, 32, 40)) -> dict:
 # -------------------------------------------------------------------------------------- pipeline
 
 
-def _run(cmd, env, log_path, timeout=None, log=print) -> float:
-    """Run ``cmd`` (own process group) with stdout+stderr to ``log_path``; returns wall seconds.
+def _run(cmd, env, log_path, timeout=None, log=print, cwd=None) -> float:
+    """Run ``cmd`` (own process group, in ``cwd``) with stdout+stderr appended to ``log_path``; returns wall seconds.
     ``subprocess.TimeoutExpired`` after killing the group on timeout; ``RuntimeError`` on a non-zero exit."""
     log("$ " + " ".join(cmd))
     t0 = time.time()
     with open(log_path, "a") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

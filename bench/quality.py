@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -47,6 +46,7 @@ sys.path.insert(0, ROOT)
 
 from custom_components.evaluate import score_folders  # noqa: E402
 from custom_components.io import read_volume, write_volume  # noqa: E402
+from nnunet_baseline import _run, train_and_predict  # noqa: E402  (bench/ is the script's folder)
 
 CONFIGS = os.path.join(ROOT, "bundle", "configs")
 METRICS = ("score", "topo_score", "surface_dice", "voi_score")
@@ -68,19 +68,12 @@ def loss_rows(seeds: list[int]) -> list[tuple[str, dict[str, float], int]]:
     return rows
 
 
-def run(cmd: list[str], log: str, env: dict | None = None) -> float:
-    """Run ``cmd`` with its output appended to ``log``; the wall time in seconds. A failure raises with
-    the log's last lines."""
-    t0 = time.perf_counter()
+def run(cmd: list[str], log: str) -> float:
+    """Run ``cmd`` in the repository with its output appended to ``log`` (``nnunet_baseline._run``, the one
+    runner of the benchmarks); the wall time in seconds. A failure raises with the log's last lines."""
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-    if rc != 0:
-        with open(log) as f:
-            tail = "".join(f.readlines()[-30:])
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed (exit {rc}); last lines of {log}:\n{tail}")
-    return time.perf_counter() - t0
+    return _run(cmd, None, log, log=lambda line: None, cwd=ROOT)
 
 
 def make_data(out: str, a) -> tuple[str, str, str]:
@@ -317,8 +310,6 @@ def main(argv=None) -> int:
         print(f"   score {results[name]['score']:.4f}, +post {results[name + '+post']['score']:.4f}, "
               f"{r['train_s']:.0f} s", flush=True)
     if not a.skip_nnunet:
-        from nnunet_baseline import train_and_predict  # bench/ is on sys.path as the script's folder
-
         composite_s = [results[n]["train_s"] for n in results if n.startswith("composite_s") and "+" not in n]
         budget = a.nnunet_budget_s or (float(np.mean(composite_s)) if composite_s else 300.0)
         print(f"== nnunet: budget {budget:.0f} s of training", flush=True)
