@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# Its own step: topolosses' metadata pulls torchvision and with it another torch.
 	$(BIN)/python -m pip install --quiet --no-deps topolosses==0.2.0
-	$(BIN)/python -c "import custom_components.betti_matching as b; b.load_extension()"
+	$(BIN)/python -c "import custom_components.metrics.betti_matching as b; b.load_extension()"
 	touch $(STAMP)
 
 venv: $(STAMP)

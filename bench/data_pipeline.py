@@ -77,9 +77,9 @@ def main(argv=None):
     p.add_argument("--sizes", nargs="+", default=["72x136x136", "128x128x128"])
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    from custom_components.patch_dataset import PatchDataset
-    from custom_components.prepare import prepare_cache
-    from custom_components.synthetic import write_dataset
+    from custom_components.data.patch_dataset import PatchDataset
+    from custom_components.data.prepare import prepare_cache
+    from custom_components.data.synthetic import write_dataset
 
     tmp = tempfile.mkdtemp(prefix="bench_pipeline_")
     write_dataset(tmp, volumes=1, test=0, test_labels=False, profile="34117", shape=(a.volume,) * 3, seed=0, preview=False)

@@ -4,7 +4,7 @@ Builds ``network_def``, ``network`` (``ProbabilityEnsemble``: sigmoid, ``--mirro
 (``RobustSlidingWindowInferer``, Gaussian blending) and ``postprocess_steps`` (``PostProcessd``, the
 default steps: threshold 0.5, dust < 64 voxels, fill holes) from ``bundle/configs/inference.json``, with
 ``--roi`` / ``--overlap`` / ``--filters`` / ``--mirror`` / ``--sw_batch_size`` overrides, and times, per
-synthetic volume (``custom_components.synthetic.generate_volume``, seed 0, one per ``--sizes`` edge):
+synthetic volume (``custom_components.data.synthetic.generate_volume``, seed 0, one per ``--sizes`` edge):
 
 - ``network``: the bare forward passes of the network over all windows (``network(batch of windows)``
   and nothing else, timed call by call inside the sliding-window run): the ratio base, ``x network`` = 1.
@@ -15,11 +15,11 @@ synthetic volume (``custom_components.synthetic.generate_volume``, seed 0, one p
   Gaussian weighting, accumulation, normalisation);
 - ``sliding window total``: ``inferer(image, network)`` on the (1, 1, Z, Y, X) image scaled to [0, 1];
 - ``post-processing``: ``postprocess_steps`` on the probability map;
-- ``I/O read image``, ``I/O write mask``: ``custom_components.io.read_volume`` of the uint8 image TIFF
+- ``I/O read image``, ``I/O write mask``: ``custom_components.data.io.read_volume`` of the uint8 image TIFF
   (what ``VolumeReader`` calls) and ``write_volume`` of the uint8 mask (LZW, atomic: what ``TiffWriter``
   calls), in a temporary folder;
 - ``pipeline total``: read + sliding window + post-processing + write;
-- ``metric``: ``custom_components.metrics.leaderboard_score`` of the mask against the synthetic label,
+- ``metric``: ``custom_components.metrics.score.leaderboard_score`` of the mask against the synthetic label,
   ``--metric_workers`` processes; skipped above ``--skip_metric_above`` (Betti matching on the synthetic
   scrolls costs about 50 CPU minutes per 320^3 volume, see bench/metric.py), which the table says.
 
@@ -33,7 +33,7 @@ meaningless, so post-processing, writing and the metric run on a stand-in predic
 recto surface blurred (sigma 1 voxel) and scaled by 1.6 plus Gaussian noise (sigma 0.15), clipped to
 [0, 1]: the sheets survive the 0.5 threshold and the noise leaves speckle for the dust removal. With
 ``--ckpt`` (a checkpoint of ``network_def`` or a TorchScript ``.ts``, loaded by
-``custom_components.inference.load_networks``) they run on the network's own probability map.
+``custom_components.inference.sliding_window.load_networks``) they run on the network's own probability map.
 
     python bench/inference.py                            # 128^3 and 320^3, roi 128, overlap 0.25, small net
     python bench/inference.py --sizes 320 --overlap 0.5 --filters 32,64,128,256,320,320 --mirror 8
@@ -109,7 +109,7 @@ def stand_in_probability(label: np.ndarray, seed: int = 0) -> np.ndarray:
 
 def build(a, dev):
     """``network_def``, ``network``, ``inferer``, ``postprocess_steps`` of inference.json with the overrides."""
-    from custom_components.inference import load_networks
+    from custom_components.inference.sliding_window import load_networks
 
     parser = ConfigParser()
     parser.read_config(INFER_JSON)
@@ -157,9 +157,9 @@ def main(argv=None) -> int:
     dev = torch.device(a.device)
     if a.threads > 0:
         torch.set_num_threads(a.threads)
-    from custom_components.io import read_volume, write_volume
-    from custom_components.metrics import leaderboard_score
-    from custom_components.synthetic import generate_volume
+    from custom_components.data.io import read_volume, write_volume
+    from custom_components.metrics.score import leaderboard_score
+    from custom_components.data.synthetic import generate_volume
 
     parser, net_def, network, inferer, post = build(a, dev)
     amp = bool(parser["amp"]) and dev.type == "cuda"  # as the evaluator: bf16 autocast on CUDA only

@@ -51,7 +51,7 @@ from custom_components.losses import (  # noqa: E402
     SkeletonRecallLoss,
     SurfaceDistanceLoss,
 )
-from custom_components.targets import medial_surface_tube, signed_distance_map  # noqa: E402
+from custom_components.data.targets import medial_surface_tube, signed_distance_map  # noqa: E402
 
 # train.json's loss settings
 WEIGHTS = {"bce": 1.0, "dice": 1.0, "cldice": 0.5, "skeleton_recall": 0.5, "surface_distance": 0.1, "topology": 0.05}

@@ -4,7 +4,7 @@ after the other) vs the fast path (``leaderboard_score(workers=2)``), per compon
 Volume pairs (label uint8 0/1/2, prediction = the label's surface perturbed: shifted by one voxel along the
 sheet normal, dust voxels added, single-voxel holes punched):
 
-- ``synthetic``: ``custom_components.synthetic.generate_volume`` (scroll-like: wound, undulating sheets with
+- ``synthetic``: ``custom_components.data.synthetic.generate_volume`` (scroll-like: wound, undulating sheets with
   holes, bridges, a 1-2 voxel recto layer, label 2 on the border and unannotated blobs), default 128^3.
   Its recto layer is 26- but not 6-connected, and the Betti matching (V-construction: 6-connected
   foreground) sees hundreds of components and thousands of loops per tile; its cost grows with about the
@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from custom_components.metrics import leaderboard_score, leaderboard_score_reference, values_of  # noqa: E402
+from custom_components.metrics.score import leaderboard_score, leaderboard_score_reference, values_of  # noqa: E402
 
 
 def perturb(label: np.ndarray, axis: int, rng: np.random.Generator) -> np.ndarray:
@@ -69,9 +69,9 @@ def sheet_pair(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def synthetic_pair(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(pred, label) from ``custom_components.synthetic.generate_volume((n, n, n), seed)``; the shift is
+    """(pred, label) from ``custom_components.data.synthetic.generate_volume((n, n, n), seed)``; the shift is
     along the volume axis closest to the sheet normal."""
-    from custom_components.synthetic import generate_volume
+    from custom_components.data.synthetic import generate_volume
 
     _, label, info = generate_volume((n, n, n), seed)
     return perturb(label, int(info.get("normal_axis", 0)), np.random.default_rng(seed + 1)), label

@@ -8,8 +8,8 @@ is changed):
    machine's local wheel index; about 6.4 GB, mostly CUDA libraries; ~3.5 min). A stamp file makes it
    idempotent.
 2. The Kaggle-layout ``data_root`` is converted with the project's converter
-   (``python -m custom_components.convert_nnunet``; label 2 = nnU-Net's ignore label, channel "CT");
-   the test TIFFs become ``<id>_0000.nii.gz`` the same way (``custom_components.io``).
+   (``python -m custom_components.data.convert_nnunet``; label 2 = nnU-Net's ignore label, channel "CT");
+   the test TIFFs become ``<id>_0000.nii.gz`` the same way (``custom_components.data.io``).
 3. ``nnUNetv2_plan_and_preprocess -d ID -c 3d_fullres -np 1 -npfp THREADS --verify_dataset_integrity``
    (``-npfp``: fingerprint processes, nnU-Net's default 8).
 4. ``nnUNetv2_train ID 3d_fullres all -tr nnUNetTrainer_WallClock -device cpu`` (``--device cuda`` on a GPU). nnU-Net has no time
@@ -51,13 +51,13 @@ is changed):
    reader / writer on a 24x32x40 volume (run by ``train_and_predict`` before anything else), and every
    prediction's shape is checked against its test TIFF.
 
-Run with the project's interpreter (it converts volumes with ``custom_components.io``)::
+Run with the project's interpreter (it converts volumes with ``custom_components.data.io``)::
 
     .venv/bin/python bench/nnunet_baseline.py --data_root DIR --test_images DIR --work_dir DIR --budget_s 300
         [--threads 2] [--label_dir DIR] [--iters_per_epoch 25] [--val_iters 5] [--disable_tta]
 
 prints a table and writes ``work_dir/summary.json`` (the dict ``train_and_predict`` returns; with
-``--label_dir`` also the competition score of the predictions, ``custom_components.evaluate``).
+``--label_dir`` also the competition score of the predictions, ``custom_components.metrics.evaluate``).
 """
 
 from __future__ import annotations
@@ -374,7 +374,7 @@ def check_axis_roundtrip(python_exe: str, tmp_dir, shape=(24, 32, 40)) -> dict:
     swap or flip is caught. Returns ``{"ok", "shape", "reader", "nnunet_shape"}``; ``ValueError`` if not."""
     import numpy as np
 
-    from custom_components.io import read_volume, write_volume
+    from custom_components.data.io import read_volume, write_volume
 
     os.makedirs(tmp_dir, exist_ok=True)
     n = int(np.prod(shape))
@@ -493,9 +493,9 @@ def train_and_predict(
     try:
         import numpy as np
 
-        from custom_components.io import read_tiff_header, read_volume, write_volume
+        from custom_components.data.io import read_tiff_header, read_volume, write_volume
     except ImportError as e:
-        raise ValueError(f"train_and_predict converts volumes with custom_components.io; run it with the "
+        raise ValueError(f"train_and_predict converts volumes with custom_components.data.io; run it with the "
                          f"project's interpreter {PROJECT_PYTHON} ({e}).") from None
     budget_s = float(budget_s)
     threads = int(threads)
@@ -538,7 +538,7 @@ def train_and_predict(
     # 1. conversion (the project's converter), test images the same way
     t0 = time.time()
     project_env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    _run([PROJECT_PYTHON if os.path.isfile(PROJECT_PYTHON) else sys.executable, "-m", "custom_components.convert_nnunet",
+    _run([PROJECT_PYTHON if os.path.isfile(PROJECT_PYTHON) else sys.executable, "-m", "custom_components.data.convert_nnunet",
           "--data_root", data_root, "--out", raw, "--dataset_id", str(dataset_id), "--name", name,
           "--workers", str(threads), "--overwrite"], dict(project_env, PYTHONPATH=REPO), os.path.join(logs, "convert.log"), log=log)
     ds_name = f"Dataset{int(dataset_id):03d}_{name}"
@@ -663,10 +663,10 @@ def train_and_predict(
 
 
 def score(pred_dir, label_dir, out_csv, workers: int = 2) -> dict:
-    """The competition score of ``pred_dir`` against ``label_dir`` (``custom_components.evaluate``, project
+    """The competition score of ``pred_dir`` against ``label_dir`` (``custom_components.metrics.evaluate``, project
     interpreter); returns the mean row (floats) and writes the per-volume CSV ``out_csv``."""
     py = PROJECT_PYTHON if os.path.isfile(PROJECT_PYTHON) else sys.executable
-    subprocess.run([py, "-m", "custom_components.evaluate", "--pred_dir", os.fspath(pred_dir), "--label_dir",
+    subprocess.run([py, "-m", "custom_components.metrics.evaluate", "--pred_dir", os.fspath(pred_dir), "--label_dir",
                     os.fspath(label_dir), "--out", os.fspath(out_csv), "--workers", str(int(workers))],
                    check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
     with open(out_csv) as fh:

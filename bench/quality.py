@@ -6,7 +6,7 @@
 One synthetic training set (``--train_profile``, ``--train_seed``) and labelled held-out volumes of a
 different seed and a different profile (``--test_profile``, ``--test_seed``). Every row is a folder of
 uint8 predictions of the held-out volumes scored with the competition score
-(``custom_components.evaluate.score_folders``, METRIC.md), mean over the volumes:
+(``custom_components.metrics.evaluate.score_folders``, docs/METRIC.md), mean over the volumes:
 
 - trivial baselines, no training: all zeros, all ones, Otsu threshold of the image;
 - ``baseline`` (BCE + Dice) and ``composite`` (train.json's default ``loss_weights``), ``--seeds`` each;
@@ -15,7 +15,7 @@ uint8 predictions of the held-out volumes scored with the competition score
 - every trained row raw (threshold 0.5) and with the default post-processing (``+post``), both written
   by ``bundle/configs/evaluate.json``;
 - ``nnunet``: nnU-Net v2 (its own default 3d_fullres plan) trained on the same volumes, converted by
-  ``custom_components.convert_nnunet``, for the mean wall-clock training time of the composite rows, in
+  ``custom_components.data.convert_nnunet``, for the mean wall-clock training time of the composite rows, in
   its own venv (``bench/nnunet_baseline.py``); ``--skip_nnunet`` leaves it out.
 
 Each trained row is the real bundle: ``python -m monai.bundle run training`` with ``train.json`` +
@@ -44,8 +44,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from custom_components.evaluate import score_folders  # noqa: E402
-from custom_components.io import read_volume, write_volume  # noqa: E402
+from custom_components.metrics.evaluate import score_folders  # noqa: E402
+from custom_components.data.io import read_volume, write_volume  # noqa: E402
 from nnunet_baseline import _run, train_and_predict  # noqa: E402  (bench/ is the script's folder)
 
 CONFIGS = os.path.join(ROOT, "bundle", "configs")
@@ -83,14 +83,14 @@ def make_data(out: str, a) -> tuple[str, str, str]:
     log = os.path.join(out, "data.log")
     shape = [str(s) for s in a.shape]
     if not os.path.exists(os.path.join(train, "train.csv")):
-        run([py, "-m", "custom_components.synthetic", "--out", train, "--volumes", str(a.train_volumes),
+        run([py, "-m", "custom_components.data.synthetic", "--out", train, "--volumes", str(a.train_volumes),
              "--test", "1", "--profile", a.train_profile, "--shape", *shape, "--seed", str(a.train_seed)], log)
     if not os.path.exists(os.path.join(held, "train.csv")):
-        run([py, "-m", "custom_components.synthetic", "--out", held, "--volumes", "1", "--test",
+        run([py, "-m", "custom_components.data.synthetic", "--out", held, "--volumes", "1", "--test",
              str(a.test_volumes), "--test_labels", "--profile", a.test_profile, "--shape", *shape,
              "--preview", "--seed", str(a.test_seed)], log)
     datalist = os.path.join(out, "datalist.json")
-    run([py, "-m", "custom_components.datalist", "--data_root", train, "--out", datalist,
+    run([py, "-m", "custom_components.data.datalist", "--data_root", train, "--out", datalist,
          "--val_fraction", "0.25", "--seed", "0"], log)
     return train, datalist, held
 
@@ -114,7 +114,7 @@ def trivial_predictions(held: str, out: str) -> dict[str, str]:
 
 def seconds_per_step(run_dir: str, batch_size: int) -> float | None:
     """Median training seconds per step from the run's TensorBoard ``throughput/samples_per_s``."""
-    from custom_components.report import read_scalars
+    from custom_components.inference.report import read_scalars
 
     values = [v for _, v in read_scalars(run_dir).get("throughput/samples_per_s", [])]
     return float(batch_size / np.median(values)) if values else None
@@ -189,7 +189,7 @@ def summary_lines(results: dict[str, dict]) -> list[str]:
 def hard_case(held_root: str, a) -> tuple[str, list[tuple[str, int]]]:
     """The held-out volume with the most contacts + holes, and the Z slices through one contact (touching
     sheets) and one hole, regenerated from the generator's own record of where it put them."""
-    from custom_components.synthetic import dataset_ids, generate_volume
+    from custom_components.data.synthetic import dataset_ids, generate_volume
 
     ids = dataset_ids(a.test_seed, a.test_profile, 1 + a.test_volumes)
     best = None
@@ -213,7 +213,7 @@ def figures(out: str, held_root: str, folders: dict[str, str], run_dirs: dict[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from custom_components.report import read_scalars
+    from custom_components.inference.report import read_scalars
 
     vid, slices = hard_case(held_root, a)
     image = read_volume(os.path.join(held_root, "test_images", f"{vid}.tif"))

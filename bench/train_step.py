@@ -53,8 +53,8 @@ def main(argv=None):
     p.add_argument("--num_workers", type=int, default=None)
     a = p.parse_args(argv)
     dev = torch.device("cuda:0" if cuda else "cpu")
-    from custom_components.datalist import make_datalist
-    from custom_components.synthetic import write_dataset
+    from custom_components.data.datalist import make_datalist
+    from custom_components.data.synthetic import write_dataset
 
     tmp = tempfile.mkdtemp(prefix="bench_step_")
     edge = a.volume or max(64, 2 * a.patch)

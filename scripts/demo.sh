@@ -9,12 +9,12 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 CONFIGS="['bundle/configs/train.json','bundle/configs/demo.json']"
 
 echo "== 1/7 synthetic scrolls -> $OUT/data"
-python -m custom_components.synthetic --out "$OUT/data" --volumes 6 --test 2 --test_labels \
+python -m custom_components.data.synthetic --out "$OUT/data" --volumes 6 --test 2 --test_labels \
     --profile 34117 --shape 64 64 64 --seed 0 --preview
 echo "== 2/7 data check"
-python -m custom_components.validate_data --data_root "$OUT/data"
+python -m custom_components.data.validate_data --data_root "$OUT/data"
 echo "== 3/7 datalist (the committed data_lists/demo.json is this file)"
-python -m custom_components.datalist --data_root "$OUT/data" --out "$OUT/datalist.json" --val_fraction 0.34 --seed 0
+python -m custom_components.data.datalist --data_root "$OUT/data" --out "$OUT/datalist.json" --val_fraction 0.34 --seed 0
 cmp -s "$OUT/datalist.json" data_lists/demo.json || echo "note: data_lists/demo.json differs from the datalist just made"
 echo "== 4/7 training"
 python -m monai.bundle run training --config_file "$CONFIGS" \
@@ -24,9 +24,9 @@ python -m monai.bundle run --config_file "['bundle/configs/inference.json','bund
     --input_dir "$OUT/data/test_images" --output_dir "$OUT/predictions" \
     --ckpt_path "$OUT/run/checkpoints/best.pt"
 echo "== 6/7 competition score of the held-out volumes"
-python -m custom_components.evaluate --pred_dir "$OUT/predictions" --label_dir "$OUT/data/test_labels" \
+python -m custom_components.metrics.evaluate --pred_dir "$OUT/predictions" --label_dir "$OUT/data/test_labels" \
     --out "$OUT/scores.csv" --workers 2
 echo "== 7/7 pictures"
-python -m custom_components.report --run_dir "$OUT/run" --image_dir "$OUT/data/test_images" \
+python -m custom_components.inference.report --run_dir "$OUT/run" --image_dir "$OUT/data/test_images" \
     --pred_dir "$OUT/predictions" --label_dir "$OUT/data/test_labels" --out "$OUT"
 echo "demo done: $OUT/scores.csv, $OUT/predictions/submission.zip, $OUT/overlay.png, $OUT/loss_curves.png"

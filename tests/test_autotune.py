@@ -1,4 +1,4 @@
-"""custom_components.autotune: the pure pieces by hand-computed values, and one tiny CPU run of the CLI."""
+"""custom_components.training.autotune: the pure pieces by hand-computed values, and one tiny CPU run of the CLI."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from custom_components.autotune import (
+from custom_components.training.autotune import (
     estimate_run_time,
     loader_candidates,
     main,
@@ -165,8 +165,8 @@ def test_trial_turns_cuda_oom_into_a_record(data_dir, tmp_path, monkeypatch):
     """An OutOfMemoryError raised inside the real trainer's step (simulated on the CPU) is a result, not a crash."""
     import threading
 
-    from custom_components import autotune
-    from custom_components.trainer import TopologyTrainer
+    from custom_components.training import autotune
+    from custom_components.training.trainer import TopologyTrainer
 
     o = tiny_overrides(data_dir, tmp_path / "run", datalist="")
     tuner = autotune._Tuner([TRAIN_JSON, DEMO_JSON], o, deadline=time.time() + 60, volumes=2)
@@ -248,7 +248,7 @@ def test_cuda_procedure_with_a_fake_gpu(tmp_path, monkeypatch, capsys):
     import numpy as np
     import tifffile
 
-    from custom_components import autotune
+    from custom_components.training import autotune
 
     image = tmp_path / "v.tif"
     tifffile.imwrite(image, np.zeros((320, 320, 320), np.uint8), photometric="minisblack", compression="zlib")

@@ -5,7 +5,7 @@ import builtins
 import pytest
 import torch
 
-from custom_components.checkpoint import (
+from custom_components.training.checkpoint import (
     CheckpointMismatchError,
     atomic_torch_save,
     check_output_dir,

@@ -1,4 +1,4 @@
-"""custom_components.convert_nnunet: nnU-Net v2 raw layout, dataset.json, NIfTI contents == TIFFs."""
+"""custom_components.data.convert_nnunet: nnU-Net v2 raw layout, dataset.json, NIfTI contents == TIFFs."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import pytest
 import tifffile
 from conftest import write_tiff
 
-from custom_components.convert_nnunet import convert, dataset_folder_name, main
+from custom_components.data.convert_nnunet import convert, dataset_folder_name, main
 
 TRAIN_IDS = ["1001", "1002", "1003"]
 
@@ -100,7 +100,7 @@ def test_cli(tiny_dataset, tmp_path, monkeypatch, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with pytest.raises(SystemExit) as e:
-            runpy.run_module("custom_components.convert_nnunet", run_name="__main__")
+            runpy.run_module("custom_components.data.convert_nnunet", run_name="__main__")
     assert e.value.code == 0
     assert os.path.isfile(tmp_path / "b" / "Dataset101_VesuviusSurface" / "imagesTr" / "1001_0000.nii.gz")
     assert main(["--data_root", str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 1

@@ -1,4 +1,4 @@
-"""custom_components.datalist: splits, folds, relative paths, load_datalist, CLI, errors."""
+"""custom_components.data.datalist: splits, folds, relative paths, load_datalist, CLI, errors."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import write_tiff
 
-from custom_components.datalist import load_datalist, main, make_datalist, write_datalist
+from custom_components.data.datalist import load_datalist, main, make_datalist, write_datalist
 
 
 def csv_only(root, scrolls):
@@ -155,7 +155,7 @@ def test_cli_as_module(tiny_dataset, tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with pytest.raises(SystemExit) as e:
-            runpy.run_module("custom_components.datalist", run_name="__main__")
+            runpy.run_module("custom_components.data.datalist", run_name="__main__")
     assert e.value.code == 0
     dl = json.loads(out.read_text())
     assert dl["folds"] == 2 and {e["fold"] for e in dl["training"]} == {0, 1}

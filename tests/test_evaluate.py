@@ -1,6 +1,6 @@
-"""``python -m custom_components.evaluate`` on temporary folders of tiny TIFFs: table, CSV, mean row, errors.
+"""``python -m custom_components.metrics.evaluate`` on temporary folders of tiny TIFFs: table, CSV, mean row, errors.
 
-Expected scores by hand (shared/METRIC.md): a plane against itself scores 1; an empty prediction against a
+Expected scores by hand (docs/METRIC.md): a plane against itself scores 1; an empty prediction against a
 plane scores 0.30 * 1 (no finite Betti pair: TopoScore 1) + 0.35 * 0 (SurfaceDice) + 0.35 * 1 (VOI 0) = 0.65;
 a prediction that is half of the plane has VOI 1 bit (voi_score 1/1.3) and SurfaceDice < 1.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from custom_components import evaluate
+from custom_components.metrics import evaluate
 
 # surface-distance 0.1 imports scipy.ndimage.filters / .morphology (deprecated names; not our code)
 pytestmark = [pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")]
@@ -101,7 +101,7 @@ def test_missing_extra_and_mismatched_files_exit_1(folders, capsys):
 def test_module_entry_point(folders, tmp_path):
     pred_dir, label_dir = folders
     os.remove(pred_dir / "v3.tif")
-    proc = subprocess.run([sys.executable, "-m", "custom_components.evaluate", "--pred_dir", str(pred_dir),
+    proc = subprocess.run([sys.executable, "-m", "custom_components.metrics.evaluate", "--pred_dir", str(pred_dir),
                            "--label_dir", str(label_dir)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 1 and "missing prediction for v3.tif" in proc.stderr
 

@@ -12,7 +12,7 @@ import torch
 from monai.bundle import ConfigParser, verify_net_in_out
 from monai.bundle.scripts import _get_fake_spatial_shape
 
-from custom_components.network import check_patch_size, plan_dynunet
+from custom_components.training.network import check_patch_size, plan_dynunet
 from training_utils import INFER_JSON, META_JSON, PYTHON, REPO, TINY_NET, cli_args, save_checkpoint_as_training, tiny_network
 
 #: the ``--converter_kwargs`` of the README's ONNX command: input / output named as in metadata.json,

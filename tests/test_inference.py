@@ -11,8 +11,8 @@ import tifffile
 import torch
 from monai.bundle import ConfigWorkflow
 
-from custom_components.inference import ProbabilityEnsemble, RobustSlidingWindowInferer, parse_ckpt_paths
-from custom_components.network import build_dynunet
+from custom_components.inference.sliding_window import ProbabilityEnsemble, RobustSlidingWindowInferer, parse_ckpt_paths
+from custom_components.training.network import build_dynunet
 from training_utils import INFER_JSON, PYTHON, REPO, TINY_NET as NET, TRAIN_JSON, make_data, tiny_overrides
 
 EVAL_JSON = os.path.join(REPO, "bundle", "configs", "evaluate.json")

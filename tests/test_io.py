@@ -1,4 +1,4 @@
-"""custom_components.io: VolumeReader / TiffWriter / read_volume / read_tiff_header / write_volume."""
+"""custom_components.data.io: VolumeReader / TiffWriter / read_volume / read_tiff_header / write_volume."""
 
 import os
 
@@ -11,8 +11,8 @@ from conftest import write_tiff
 from monai.data import image_writer
 from monai.transforms import LoadImage, LoadImaged, SaveImage, SaveImaged
 
-from custom_components import io as vio
-from custom_components.io import TiffWriter, VolumeReader, read_tiff_header, read_volume, write_volume
+from custom_components.data import io as vio
+from custom_components.data.io import TiffWriter, VolumeReader, read_tiff_header, read_volume, write_volume
 
 SHAPE = (4, 5, 6)  # Z, Y, X all different, so an axis swap cannot go unnoticed
 
@@ -176,7 +176,7 @@ def test_volume_reader_with_load_image(tmp_path, vol):
 
 def test_volume_reader_by_dotted_name_in_loadimaged(tmp_path, vol):
     p = str(write_tiff(tmp_path / "a.tif", vol))
-    d = LoadImaged("image", reader="custom_components.io.VolumeReader", ensure_channel_first=True)({"image": p})
+    d = LoadImaged("image", reader="custom_components.data.io.VolumeReader", ensure_channel_first=True)({"image": p})
     assert tuple(d["image"].shape) == (1,) + SHAPE
     assert np.array_equal(d["image"][0].numpy(), vol.astype(np.float32))  # LoadImage's default float32
 
@@ -206,7 +206,7 @@ def test_tiff_writer_registered_for_tif():
     assert image_writer.NibabelWriter in image_writer.resolve_writer("nii.gz")  # MONAI's defaults kept
 
 
-@pytest.mark.parametrize("writer", ["custom_components.io.TiffWriter", TiffWriter, None])
+@pytest.mark.parametrize("writer", ["custom_components.data.io.TiffWriter", TiffWriter, None])
 def test_monai_round_trip_is_byte_exact(tmp_path, vol, writer):
     src = str(write_tiff(tmp_path / "case7.tif", vol))
     img = LoadImage(reader=VolumeReader(), image_only=True, dtype=None, ensure_channel_first=True)(src)
@@ -230,7 +230,7 @@ def test_saveimaged_float_prediction(tmp_path):
 
     d = {"pred": MetaTensor(pred, meta={"filename_or_obj": "p1.tif", "spatial_shape": np.array(SHAPE)})}
     SaveImaged("pred", output_dir=str(tmp_path), output_postfix="", output_ext=".tif", separate_folder=False,
-               print_log=False, writer="custom_components.io.TiffWriter")(d)
+               print_log=False, writer="custom_components.data.io.TiffWriter")(d)
     out = read_volume(tmp_path / "p1.tif")
     assert out.dtype == np.uint8 and out.sum() == 1 and out[1, 2, 3] == 1
 

@@ -13,7 +13,7 @@ from custom_components.losses import (
     SkeletonRecallLoss,
     SurfaceDistanceLoss,
 )
-from custom_components.targets import medial_surface_tube, signed_distance_map
+from custom_components.data.targets import medial_surface_tube, signed_distance_map
 
 S = 16
 ALL = {"bce": 1.0, "dice": 1.0, "cldice": 0.5, "skeleton_recall": 0.5, "surface_distance": 0.1, "topology": 0.05}

@@ -16,7 +16,7 @@ from custom_components.losses import (
     SkeletonRecallLoss,
     SurfaceDistanceLoss,
 )
-from custom_components.targets import medial_surface_tube, signed_distance_map
+from custom_components.data.targets import medial_surface_tube, signed_distance_map
 
 S = 16
 CLIP = 5.0

@@ -1,6 +1,6 @@
-"""Competition metric (custom_components.metrics, custom_components.betti_matching) on tiny hand-built volumes.
+"""Competition metric (custom_components.metrics.score, custom_components.metrics.betti_matching) on tiny hand-built volumes.
 
-Expected values are derived by hand in the comments (shared/METRIC.md), never by calling the libraries the
+Expected values are derived by hand in the comments (docs/METRIC.md), never by calling the libraries the
 code under test calls; the library calls below only cross-check that the fast path reproduces them bit for bit.
 The Betti-matching extension works on the inverted masks with a V-construction cubical complex, so its
 H0 counts 6-connected foreground components; 0/1 images have finite pairs [0, 1) only, one per extra
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from custom_components import betti_matching
-from custom_components.betti_matching import betti_counts, betti_counts_reference, finite_pair_counts, load_extension
-from custom_components.metrics import (
+from custom_components.metrics import betti_matching
+from custom_components.metrics.betti_matching import betti_counts, betti_counts_reference, finite_pair_counts, load_extension
+from custom_components.metrics.score import (
     LeaderboardIgniteMetric,
     LeaderboardMetric,
     conditional_entropies,
@@ -74,7 +74,7 @@ def both(pred, label, workers=1) -> dict:
 def test_extension_loads_without_importing_topolosses():
     # in a fresh interpreter: the .so loads by path, neither topolosses nor torchvision / cv2 get imported
     code = (
-        "import sys, custom_components.betti_matching as b; m = b.load_extension(); assert b.load_extension() is m;"
+        "import sys, custom_components.metrics.betti_matching as b; m = b.load_extension(); assert b.load_extension() is m;"
         "assert hasattr(m, 'compute_matching');"
         "bad = [k for k in ('topolosses', 'torchvision', 'cv2') if k in sys.modules]; assert not bad, bad"
     )
@@ -476,7 +476,7 @@ def test_ignite_handler_from_a_bundle_config():
     from monai.bundle import ConfigParser
 
     parser = ConfigParser({"metric": {
-        "_target_": "custom_components.metrics.LeaderboardIgniteMetric",
+        "_target_": "custom_components.metrics.score.LeaderboardIgniteMetric",
         "workers": 2,
         "output_transform": "$monai.handlers.from_engine(['pred', 'label'])",
     }})
@@ -494,7 +494,7 @@ def test_ignite_handler_from_a_bundle_config():
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_tile_processes_under_other_start_methods(method, monkeypatch):
-    # the tile job lives in the numpy-only custom_components.betti_matching: no fork needed
+    # the tile job lives in the numpy-only custom_components.metrics.betti_matching: no fork needed
     monkeypatch.setenv("VESUVIUS_METRIC_START_METHOD", method)
     lab = square(1) | square(4)
     pred = lab.copy()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from custom_components.network import build_dynunet, check_patch_size, nearest_valid_patch, plan_dynunet
+from custom_components.training.network import build_dynunet, check_patch_size, nearest_valid_patch, plan_dynunet
 
 
 def test_plan_128_cube_has_five_downsamplings_to_4():

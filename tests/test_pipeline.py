@@ -7,10 +7,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from custom_components.augment import DeviceAugmentBatch
-from custom_components.patch_dataset import EpochSampler, PatchDataset, shard_entries
-from custom_components.prepare import CacheError, open_cached, prepare_cache
-from custom_components.synthetic import write_dataset
+from custom_components.training.augment import DeviceAugmentBatch
+from custom_components.data.patch_dataset import EpochSampler, PatchDataset, shard_entries
+from custom_components.data.prepare import CacheError, open_cached, prepare_cache
+from custom_components.data.synthetic import write_dataset
 from training_utils import TRAIN_JSON
 
 
@@ -148,7 +148,7 @@ def test_without_elastic_the_crop_is_the_centre(prepared):
 def test_nonfinite_steps_skipped_then_stop():
     from monai.engines import SupervisedTrainer  # noqa: F401
 
-    from custom_components.trainer import NonFiniteLossError, TopologyTrainer
+    from custom_components.training.trainer import NonFiniteLossError, TopologyTrainer
 
     net = torch.nn.Conv3d(1, 1, 1)
 

@@ -1,4 +1,4 @@
-"""custom_components.postprocess: thresholds, dust, closing, hole filling, types, dictionary versions.
+"""custom_components.inference.postprocess: thresholds, dust, closing, hole filling, types, dictionary versions.
 
 Every expected mask is built by hand from the geometry of the example, never by calling cc3d / scipy.
 """
@@ -9,7 +9,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
-from custom_components.postprocess import (
+from custom_components.inference.postprocess import (
     DEFAULT_MIN_SIZE,
     BinaryClosing,
     BinaryClosingd,
@@ -386,7 +386,7 @@ def test_dict_transforms():
 def test_wired_by_target_like_the_bundle_config():
     cfg = ConfigParser({
         "pp": {
-            "_target_": "custom_components.postprocess.PostProcessd",
+            "_target_": "custom_components.inference.postprocess.PostProcessd",
             "keys": "pred", "threshold": 0.5, "hysteresis_low": None, "min_size": 2,
             "closing_radius": 0, "fill_holes": True, "max_hole_size": None,
         }

@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from custom_components.workflow import check_device, preflight
+from custom_components.training.workflow import check_device, preflight
 from training_utils import PYTHON, REPO, TRAIN_JSON, cli_args, make_data, tiny_overrides
 
 

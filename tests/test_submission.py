@@ -1,4 +1,4 @@
-"""custom_components.submission: the zip's members, checks that name the files, atomic writing, the CLI."""
+"""custom_components.inference.submission: the zip's members, checks that name the files, atomic writing, the CLI."""
 
 import os
 import runpy
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import write_tiff
 
-from custom_components import submission
-from custom_components.submission import main, write_submission_zip
+from custom_components.inference import submission
+from custom_components.inference.submission import main, write_submission_zip
 
 SHAPE = (4, 5, 6)
 
@@ -186,7 +186,7 @@ def test_cli_as_module(preds, tmp_path, monkeypatch, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "found in sys.modules" of runpy
         with pytest.raises(SystemExit) as e:
-            runpy.run_module("custom_components.submission", run_name="__main__")
+            runpy.run_module("custom_components.inference.submission", run_name="__main__")
     assert e.value.code == 0 and out.is_file()
     with zipfile.ZipFile(out) as z:
         assert z.namelist() == ["1001.tif", "1002.tif"]
@@ -195,6 +195,6 @@ def test_cli_as_module(preds, tmp_path, monkeypatch, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with pytest.raises(SystemExit) as e:
-            runpy.run_module("custom_components.submission", run_name="__main__")
+            runpy.run_module("custom_components.inference.submission", run_name="__main__")
     assert e.value.code == 1 and "1003.tif: dtype float32, expected uint8" in capsys.readouterr().err
     assert not (tmp_path / "bad.zip").exists()

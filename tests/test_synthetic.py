@@ -17,7 +17,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.measure import euler_number
 
-from custom_components.synthetic import BORDER, PROFILES, generate_volume, main, write_dataset
+from custom_components.data.synthetic import BORDER, PROFILES, generate_volume, main, write_dataset
 
 SHAPE = (64, 64, 64)
 SEEDS = (0, 1)
@@ -246,7 +246,7 @@ def test_bad_arguments(tmp_path):
 def test_cli(tmp_path, capsys):
     args = ["--volumes", "1", "--test", "1", "--test_labels", "--profile", "26010", "--shape", "24", "28", "32",
             "--seed", "4", "--preview"]
-    done = subprocess.run([sys.executable, "-m", "custom_components.synthetic", "--out", str(tmp_path / "cli"), *args],
+    done = subprocess.run([sys.executable, "-m", "custom_components.data.synthetic", "--out", str(tmp_path / "cli"), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "wrote 1 training and 1 test volumes" in done.stdout

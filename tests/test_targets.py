@@ -1,11 +1,11 @@
-"""custom_components.targets: hand values of the signed distance map, the medial-surface tube."""
+"""custom_components.data.targets: hand values of the signed distance map, the medial-surface tube."""
 
 import math
 
 import numpy as np
 import pytest
 
-from custom_components.targets import medial_surface_tube, signed_distance_map
+from custom_components.data.targets import medial_surface_tube, signed_distance_map
 
 
 def plane(shape=(12, 12, 12), z=5, thickness=1):

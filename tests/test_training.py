@@ -1,8 +1,10 @@
 """The training bundle end to end on tiny synthetic data: properties, a run, CLI, exact resume, DDP."""
 
+import ast
 import glob
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -99,11 +101,9 @@ def test_torchrun_gloo_two_ranks(data_dir, tmp_path):
     text = r.stdout + r.stderr
     assert r.returncode == 0, text[-4000:]
     shards = {}
-    for line in text.splitlines():
-        if "training volumes:" in line and "[rank " in line:
-            rank = int(line.split("[rank ")[1].split("/")[0])
-            assert line.split("[rank ")[1].split("]")[0].endswith("/2")
-            shards[rank] = set(eval(line.split("training volumes: ")[1]))
+    for rank, world, ids in re.findall(r"\[rank (\d+)/(\d+)\] training volumes: (\[[^\]]*\])", text):
+        assert world == "2"
+        shards[int(rank)] = set(ast.literal_eval(ids))
     assert set(shards) == {0, 1}
     assert shards[0] and shards[1] and not (shards[0] & shards[1])
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) in (["last.pt"], ["best.pt", "last.pt"])

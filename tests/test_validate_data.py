@@ -1,4 +1,4 @@
-"""custom_components.validate_data: every kind of bad input is reported, one line naming the file."""
+"""custom_components.data.validate_data: every kind of bad input is reported, one line naming the file."""
 
 import os
 import runpy
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import TINY_SHAPE, tiny_label, write_tiff
 
-from custom_components.validate_data import check_or_raise, main, read_train_csv, validate_dataset, validate_volumes
+from custom_components.data.validate_data import check_or_raise, main, read_train_csv, validate_dataset, validate_volumes
 
 
 def only(problems, *needles):
@@ -44,7 +44,7 @@ def test_cli_as_module(tiny_dataset, monkeypatch, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "found in sys.modules" of runpy
         with pytest.raises(SystemExit) as e:
-            runpy.run_module("custom_components.validate_data", run_name="__main__")
+            runpy.run_module("custom_components.data.validate_data", run_name="__main__")
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == "OK: 3 training volumes, 1 test volumes"
     os.remove(tiny_dataset / "test_images" / "2001.tif")
@@ -52,7 +52,7 @@ def test_cli_as_module(tiny_dataset, monkeypatch, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with pytest.raises(SystemExit) as e:
-            runpy.run_module("custom_components.validate_data", run_name="__main__")
+            runpy.run_module("custom_components.data.validate_data", run_name="__main__")
     assert e.value.code == 1
     assert "test_images/2001.tif" in capsys.readouterr().out
 

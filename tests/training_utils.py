@@ -14,7 +14,7 @@ TINY_NET = {"patch_size": [16, 16, 16], "filters": [4, 8, 16], "deep_supr_num": 
 
 
 def make_data(root, volumes=4, shape=(40, 40, 40), seed=0):
-    from custom_components.synthetic import write_dataset
+    from custom_components.data.synthetic import write_dataset
 
     write_dataset(str(root), volumes=volumes, test=1, test_labels=True, profile="34117", shape=shape, seed=seed, preview=False)
     return str(root)
@@ -62,7 +62,7 @@ def tiny_network(net=None, seed=0):
     """``build_dynunet`` with the ``TINY_NET`` settings (or ``net``), weights from ``torch.manual_seed(seed)``."""
     import torch
 
-    from custom_components.network import build_dynunet
+    from custom_components.training.network import build_dynunet
 
     net = dict(TINY_NET if net is None else net)
     torch.manual_seed(seed)
@@ -77,7 +77,7 @@ def save_checkpoint_as_training(network, save_dir):
     """
     from ignite.engine import Engine
 
-    from custom_components.checkpoint import AtomicCheckpointSaver
+    from custom_components.training.checkpoint import AtomicCheckpointSaver
 
     engine = Engine(lambda engine, batch: None)
     AtomicCheckpointSaver(str(save_dir), {"network": network}).attach(engine)
@@ -92,7 +92,7 @@ DEMO_JSON = os.path.join(REPO, "bundle", "configs", "demo.json")
 
 
 def autotune_args(data_dir, output_dir, out_json, max_minutes=0.5, **kw):
-    """``custom_components.autotune.main`` arguments: train.json + demo.json made tiny by ``tiny_overrides``
+    """``custom_components.training.autotune.main`` arguments: train.json + demo.json made tiny by ``tiny_overrides``
     (the datalist built from ``data_dir``, not demo.json's)."""
     o = tiny_overrides(data_dir, output_dir, datalist="", **kw)
     o.pop("dataset_dir")

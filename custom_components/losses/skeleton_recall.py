@@ -16,7 +16,7 @@ class SkeletonRecallLoss(_Loss):
     Resource Efficient Segmentation of Thin Tubular Structures", ECCV), label 2 (unlabeled) ignored.
 
     With p = sigmoid(x), the precomputed tube t (label channel ``tube_channel``, see
-    ``custom_components.targets.medial_surface_tube``), m = (label != 2) and sums over one sample::
+    ``custom_components.data.targets.medial_surface_tube``), m = (label != 2) and sums over one sample::
 
         loss = 1 - (sum(p * t * m) + smooth_nr) / (sum(t * m) + smooth_dr)
 

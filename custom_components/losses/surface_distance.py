@@ -16,7 +16,7 @@ class SurfaceDistanceLoss(_Loss):
     label 2 (unlabeled) ignored, on a signed distance map precomputed in prepare.
 
     With p = sigmoid(x), phi the signed distance map of the surface (label channel ``sdm_channel``,
-    negative inside, positive outside, see ``custom_components.targets.signed_distance_map``), clipped to
+    negative inside, positive outside, see ``custom_components.data.targets.signed_distance_map``), clipped to
     ``[-clip, clip]``, and m = (label != 2), over all voxels of the batch::
 
         loss = sum(m * p * phi) / max(sum(m), 1)

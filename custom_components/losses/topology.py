@@ -17,9 +17,9 @@ __all__ = ["PersistentHomologyLoss", "load_betti_matching"]
 
 
 def load_betti_matching():
-    """The Betti-Matching-3D extension, via ``custom_components.betti_matching.load_extension()`` (loaded
+    """The Betti-Matching-3D extension, via ``custom_components.metrics.betti_matching.load_extension()`` (loaded
     once per process by file path; ``topolosses`` itself is never imported)."""
-    from custom_components.betti_matching import load_extension
+    from custom_components.metrics.betti_matching import load_extension
 
     return load_extension()
 

@@ -1,4 +1,4 @@
-"""The competition score of the Vesuvius Challenge "Surface Detection" task (shared/METRIC.md).
+"""The competition score of the Vesuvius Challenge "Surface Detection" task (docs/METRIC.md).
 
 Ignore handling first: every voxel with label 2 is set to background in both prediction and label, then
 both are binarized (!= 0; NaN counts as 0). Then
@@ -13,7 +13,7 @@ both are binarized (!= 0; NaN counts as 0). Then
   components (``cc3d``) over the voxels of the union of both foregrounds (background inside the union is
   label 0): VOI = H(GT|Pred) + H(Pred|GT) in bits, as ``skimage.metrics.variation_of_information``;
   split = H(Pred|GT), merge = H(GT|Pred); voi_score = 1 / (1 + 0.3 VOI); empty union -> VOI 0.
-- TopoScore: Betti matching (Stucki et al. 2024, Betti-Matching-3D, ``custom_components.betti_matching``)
+- TopoScore: Betti matching (Stucki et al. 2024, Betti-Matching-3D, ``custom_components.metrics.betti_matching``)
   of the inverted masks on 2x2x2 tiles (an axis of length n is cut at ceil(n/2)), counts m_k, p_k, g_k
   summed over the tiles; TopoF1_k = 2 m_k / (p_k + g_k), = 0.5 / (p_k + 0.5) when p_k > 0 = g_k, dropped
   when p_k = g_k = 0; TopoScore = mean of the kept TopoF1_k with weights (0.34, 0.33, 0.33) renormalised,
@@ -88,7 +88,7 @@ START_METHOD_ENV = "VESUVIUS_METRIC_START_METHOD"  # fork / spawn / forkserver f
 
 
 def prepare_masks(pred, label) -> tuple[np.ndarray, np.ndarray]:
-    """(pred_mask, label_mask), bool, after the ignore handling of shared/METRIC.md.
+    """(pred_mask, label_mask), bool, after the ignore handling of docs/METRIC.md.
 
     ``pred``: 3D, any dtype, != 0 is foreground (NaN counts as 0). ``label``: 3D of the same shape,
     0 / 1 / 2; voxels with label 2 become background in both masks. ``ValueError`` naming both shapes
@@ -291,7 +291,7 @@ def topo_score(counts) -> tuple[float, list]:
 
 def _tile_counts_serial(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, list[float], list[float]]:
     """Summed (3, 3) counts of the 8 tiles, one after the other; wall and CPU seconds per tile."""
-    from custom_components.betti_matching import tile_counts
+    from custom_components.metrics.betti_matching import tile_counts
 
     out, walls, cpus = [], [], []
     for s in tiles(p.shape):
@@ -304,7 +304,7 @@ def _tile_counts_serial(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, list[
 
 def _mp_context():
     """Start method of the tile processes: $VESUVIUS_METRIC_START_METHOD, else fork where the platform
-    has it (no re-import; the job function lives in the numpy-only ``custom_components.betti_matching``,
+    has it (no re-import; the job function lives in the numpy-only ``custom_components.metrics.betti_matching``,
     so spawn / forkserver work as well), else the platform default."""
     import multiprocessing as mp
 
@@ -369,7 +369,7 @@ def leaderboard_score_reference(pred, label) -> dict:
 
 
 def leaderboard_score(pred, label, workers: int = 1) -> dict:
-    """The competition score of one volume (shared/METRIC.md), fast path, values bit-identical to
+    """The competition score of one volume (docs/METRIC.md), fast path, values bit-identical to
     ``leaderboard_score_reference`` (module docstring for how).
 
     ``workers > 1``: the non-empty Betti tiles run in a ``ProcessPoolExecutor`` of at most ``workers``
@@ -377,7 +377,7 @@ def leaderboard_score(pred, label, workers: int = 1) -> dict:
     which may not start processes, the tiles run here one after the other). ``seconds["topo"]`` is the
     wall time from submitting the tiles to the last result (it overlaps the other two).
     """
-    from custom_components.betti_matching import tile_counts
+    from custom_components.metrics.betti_matching import tile_counts
 
     workers = max(1, int(workers))
     context = _mp_context() if workers > 1 else None  # a bad start method fails here, whatever the tiles
@@ -520,7 +520,7 @@ def _monai_classes() -> None:
                     engine.state.metrics[prefix + k] = v
 
     for cls in (LeaderboardMetric, LeaderboardIgniteMetric):
-        cls.__module__, cls.__qualname__ = __name__, cls.__name__  # picklable as custom_components.metrics.<name>
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__  # picklable as custom_components.metrics.score.<name>
     globals().update(LeaderboardMetric=LeaderboardMetric, LeaderboardIgniteMetric=LeaderboardIgniteMetric)
 
 

@@ -11,7 +11,7 @@ The extension (pybind11) exposes ``compute_matching(input1, input2)`` on two flo
 (a V-construction cubical complex: values on voxels, a cube takes the max of its vertices; sublevel
 filtration) and returns a ``BettiMatchingResult`` whose ``num_matched``, ``num_unmatched_input1``,
 ``num_unmatched_input2`` are int64 arrays over dimensions 0, 1, 2 (finite persistence pairs only).
-``betti_counts`` turns one matching into the counts of the competition's TopoScore (shared/METRIC.md):
+``betti_counts`` turns one matching into the counts of the competition's TopoScore (docs/METRIC.md):
 the matched pairs from ``compute_matching(..., include_input1_unmatched_pairs=False,
 include_input2_unmatched_pairs=False)`` (the extension then skips collecting the unmatched pairs, most of
 its time when a prediction has many small components or loops) and the pairs of each input from

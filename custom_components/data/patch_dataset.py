@@ -1,7 +1,7 @@
 """Host side of the training data: random patches read out of the memory-mapped cache.
 
 This is all the host CPU does per sample (a crop of a few MB, milliseconds): every spatial and
-intensity augmentation runs afterwards on the device (``custom_components.augment``).
+intensity augmentation runs afterwards on the device (``custom_components.training.augment``).
 
 ``PatchDataset`` is indexed by ``(epoch, i)`` pairs that ``EpochSampler`` yields, so the patch a sample
 gets depends only on ``(seed, epoch, i)``: the same with 0 or many loader workers (persistent or not),
@@ -13,13 +13,14 @@ Outside the volume the image is 0 and the label 2 (unlabeled), so padding never 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from custom_components.prepare import open_cached
+from custom_components.data.prepare import open_cached
 
 __all__ = ["PatchDataset", "EpochSampler", "shard_entries"]
 
@@ -34,7 +35,10 @@ def shard_entries(entries: Sequence[dict], rank: int = 0, world_size: int = 1) -
     if not shard:
         raise ValueError(f"rank {rank} of {world_size} gets no training volume ({len(entries)} volumes).")
     if world_size > 1:
-        print(f"[rank {rank}/{world_size}] training volumes: {[str(e['id']) for e in shard]}", flush=True)
+        # one write of the whole line: print() writes text and newline separately, and two ranks sharing a
+        # pipe could interleave between them
+        sys.stdout.write(f"[rank {rank}/{world_size}] training volumes: {[str(e['id']) for e in shard]}\n")
+        sys.stdout.flush()
     return shard
 
 

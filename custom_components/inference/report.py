@@ -1,6 +1,6 @@
 """Pictures of a run: prediction overlays against labels and loss / score curves from TensorBoard logs.
 
-``python -m custom_components.report --run_dir RUN --image_dir DIR --pred_dir DIR [--label_dir DIR] --out DIR``
+``python -m custom_components.inference.report --run_dir RUN --image_dir DIR --pred_dir DIR [--label_dir DIR] --out DIR``
 writes ``overlay.png`` (three orthogonal mid slices per volume: image, label, prediction) and
 ``loss_curves.png`` (total loss, each ``loss/<term>`` and the validation score per epoch).
 """
@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from custom_components.io import read_volume  # noqa: E402
+from custom_components.data.io import read_volume  # noqa: E402
 
 __all__ = ["read_scalars", "plot_curves", "plot_overlays"]
 

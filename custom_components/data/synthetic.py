@@ -32,7 +32,7 @@ so it scores poorly against label 1.
 ``scroll_id`` in ``train.csv`` follows it. Every volume draws from ``numpy.random.default_rng([seed,
 index])`` only, so the same seed gives byte-identical files (on the same numpy / CPU kind).
 
-    python -m custom_components.synthetic --out DIR --volumes N [--test M] [--test_labels]
+    python -m custom_components.data.synthetic --out DIR --volumes N [--test M] [--test_labels]
         [--profile NAME] --shape Z Y X --seed S [--preview]
 """
 
@@ -584,7 +584,7 @@ def write_dataset(out, volumes: int, test: int = 1, test_labels: bool = False, p
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: see the module docstring."""
-    p = argparse.ArgumentParser(prog="python -m custom_components.synthetic", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m custom_components.data.synthetic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (Kaggle layout)")
     p.add_argument("--volumes", type=int, required=True, help="training volumes (>= 1)")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from monai.inferers import SlidingWindowInferer
 
-from custom_components.checkpoint import _network_state, load_checkpoint, load_network_weights
+from custom_components.training.checkpoint import _network_state, load_checkpoint, load_network_weights
 
 __all__ = ["ProbabilityEnsemble", "RobustSlidingWindowInferer", "load_networks", "parse_ckpt_paths", "input_records"]
 
@@ -107,7 +107,7 @@ class RobustSlidingWindowInferer(SlidingWindowInferer):
 
 def input_records(input_dir: str, label_dir: str | None = None) -> list[dict]:
     """``[{"id", "image"(, "label")}]`` for every .tif/.tiff in ``input_dir``, after the data check of headers."""
-    from custom_components.validate_data import validate_volumes
+    from custom_components.data.validate_data import validate_volumes
 
     if not os.path.isdir(input_dir):
         raise ValueError(f"input_dir '{input_dir}' does not exist or is not a folder.")

@@ -1,6 +1,6 @@
 """Decathlon-style datalists of a Kaggle-layout dataset: training / validation split, folds, test list.
 
-``python -m custom_components.datalist --data_root DIR --out data_lists/NAME.json --val_fraction F --seed S
+``python -m custom_components.data.datalist --data_root DIR --out data_lists/NAME.json --val_fraction F --seed S
 [--split random|scroll] [--folds K]`` writes (atomically)::
 
     {"name": ..., "split": ..., "seed": ..., "val_fraction": ..., "folds": K or null, "numTraining": N,
@@ -116,7 +116,7 @@ def _val_scrolls(rows: list[dict], val_fraction: float, rng: np.random.Generator
 
 
 def _read_rows(data_root: str) -> list[dict]:
-    from custom_components.validate_data import read_train_csv
+    from custom_components.data.validate_data import read_train_csv
 
     rows, problems = read_train_csv(os.path.join(data_root, "train.csv"))
     if problems:
@@ -245,7 +245,7 @@ def load_datalist(path, data_root=None, fold: int | None = None) -> tuple[list[d
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (module docstring); prints a one-line summary."""
-    ap = argparse.ArgumentParser(prog="python -m custom_components.datalist", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m custom_components.data.datalist", description=__doc__.split("\n")[0])
     ap.add_argument("--data_root", required=True)
     ap.add_argument("--out", required=True, help="datalist JSON to write, e.g. data_lists/kaggle.json")
     ap.add_argument("--val_fraction", type=float, default=0.2)

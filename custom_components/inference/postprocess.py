@@ -1,6 +1,6 @@
 """Topology-aware post-processing of a surface probability map into the uint8 0/1 submission mask.
 
-The competition score (``/work/shared/METRIC.md``) is 0.30 TopoScore + 0.35 SurfaceDice@2 + 0.35 VOI
+The competition score (docs/METRIC.md) is 0.30 TopoScore + 0.35 SurfaceDice@2 + 0.35 VOI
 score. SurfaceDice barely moves when a few voxels change; the two topological terms move a lot:
 
 - every spurious connected component is an unmatched H0 feature (lowers TopoF1_0) and an extra

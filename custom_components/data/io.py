@@ -357,7 +357,7 @@ class _VolumeFile:
 class VolumeReader(ImageReader):
     """MONAI ``ImageReader`` for 3D TIFF stacks (tifffile), NIfTI (nibabel) and ITK formats, keeping (Z, Y, X).
 
-    ``LoadImaged(keys, reader=VolumeReader())`` or ``"reader": "custom_components.io.VolumeReader"``.
+    ``LoadImaged(keys, reader=VolumeReader())`` or ``"reader": "custom_components.data.io.VolumeReader"``.
     Metadata: ``filename_or_obj``, ``spatial_shape``, identity ``affine`` / ``original_affine``
     (spacing 1), ``original_channel_dim`` = ``"no_channel"`` (so ``ensure_channel_first`` adds the
     channel). Several files are stacked as channels (same shape required). The dtype of the file is kept;
@@ -450,7 +450,7 @@ def _to_uint8(arr: np.ndarray, scale: float | None, where: str) -> np.ndarray:
 class TiffWriter(ImageWriter):
     """MONAI ``ImageWriter`` writing a uint8 multi-page LZW TIFF (Z pages of Y x X) of the input's shape.
 
-    Registered for ".tif"/".tiff" at import; ``SaveImage(..., writer="custom_components.io.TiffWriter")``.
+    Registered for ".tif"/".tiff" at import; ``SaveImage(..., writer="custom_components.data.io.TiffWriter")``.
     A leading channel of size 1 (``channel_dim`` 0, the MONAI default) is squeezed; any other non-3D
     shape is a ``ValueError`` naming it. No resampling (a TIFF has no geometry): the array is written
     in its own (Z, Y, X) order. Values must be integers in [0, 255] (bool / ints / integral floats are

@@ -3,7 +3,7 @@
 ``write_submission_zip(pred_dir, zip_path, ids=None, input_dir=None)`` packs every ``<id>.tif``
 (``.tiff`` is packed under the name ``<id>.tif``) of ``pred_dir`` and nothing else (no folders, no other
 files, so a ``submission.zip`` kept inside ``pred_dir`` is not packed into the next one). Before
-anything is written it checks, from the TIFF headers alone (``custom_components.io.read_tiff_header``,
+anything is written it checks, from the TIFF headers alone (``custom_components.data.io.read_tiff_header``,
 which also catches truncated files):
 
 - every prediction is a 3D uint8 TIFF;
@@ -17,7 +17,7 @@ over ``zip_path``: a failure at any point leaves no partial zip and an earlier `
 
 CLI::
 
-    python -m custom_components.submission --pred_dir DIR --out submission.zip [--input_dir DIR]
+    python -m custom_components.inference.submission --pred_dir DIR --out submission.zip [--input_dir DIR]
 
 Exit status 0 when written, 1 (message on stderr, nothing written) when a check fails.
 """
@@ -85,7 +85,7 @@ def _normalize_ids(ids) -> list[str]:
 
 def _check(preds: dict[str, str], ids: list[str] | None, inputs: dict[str, str] | None) -> list[str]:
     """Every problem of the prediction set, one line each, naming the file."""
-    from custom_components.io import read_tiff_header
+    from custom_components.data.io import read_tiff_header
 
     problems = []
     if ids is not None:
@@ -185,7 +185,7 @@ def write_submission_zip(
 def main(argv=None) -> int:
     """CLI entry point; returns the exit status (0 written, 1 problems found: the message goes to stderr)."""
     ap = argparse.ArgumentParser(
-        prog="python -m custom_components.submission",
+        prog="python -m custom_components.inference.submission",
         description="Check the <id>.tif predictions of a folder and pack them into a Kaggle submission.zip.",
     )
     ap.add_argument("--pred_dir", required=True, help="folder of <id>.tif uint8 predictions")

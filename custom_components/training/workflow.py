@@ -7,12 +7,12 @@ naming the setting or the file:
    valid one), ``device`` exists, the loss weights (done by constructing the loss, before this);
 2. paths: ``dataset_dir`` / ``datalist`` exist;
 3. the datalist (given, or built from ``dataset_dir``) and the data check of
-   ``custom_components.validate_data`` on TIFF *headers* (files exist, 3D, uint8, shapes match);
+   ``custom_components.data.validate_data`` on TIFF *headers* (files exist, 3D, uint8, shapes match);
 4. the patch is not larger than the smallest volume;
 5. the output folder: a new run never clobbers another run's checkpoints (``resume`` / ``overwrite``).
 
 No GPU memory is taken and no pixel data is decoded here; label values are checked when the cache is
-prepared (``custom_components.prepare``), which decodes each volume once.
+prepared (``custom_components.data.prepare``), which decodes each volume once.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
-from custom_components.checkpoint import check_output_dir
-from custom_components.network import check_patch_size, plan_dynunet
+from custom_components.training.checkpoint import check_output_dir
+from custom_components.training.network import check_patch_size, plan_dynunet
 
 __all__ = ["preflight", "check_device", "check_settings", "val_records"]
 
@@ -81,9 +81,9 @@ def preflight(
 
     ``train`` / ``val`` are lists of ``{"id", "image", "label", ...}`` with absolute paths.
     """
-    from custom_components.datalist import load_datalist, make_datalist
-    from custom_components.io import read_tiff_header
-    from custom_components.validate_data import validate_volumes
+    from custom_components.data.datalist import load_datalist, make_datalist
+    from custom_components.data.io import read_tiff_header
+    from custom_components.data.validate_data import validate_volumes
 
     check_settings(patch_size, batch_size, device, epochs, iterations_per_epoch, max_levels)
     if not dataset_dir or not os.path.isdir(dataset_dir):
@@ -129,7 +129,7 @@ def distributed_prepare(entries, cache_dir, rank: int = 0, **kwargs) -> list[dic
     """``prepare_cache`` on rank 0 while the other ranks wait at a barrier, then open the cache everywhere."""
     import torch.distributed as dist
 
-    from custom_components.prepare import prepare_cache
+    from custom_components.data.prepare import prepare_cache
 
     out = prepare_cache(entries, cache_dir, **kwargs) if rank == 0 else None
     if dist.is_available() and dist.is_initialized():

@@ -109,8 +109,8 @@ def open_cached(vol_dir: str | Path, entry: dict | None = None, settings: dict |
 
 def prepare_volume(entry: dict, cache_dir: str | Path, settings: dict) -> str:
     """Cache one volume (see module docstring); returns its folder. Raises ``ValueError`` naming the file."""
-    from custom_components.io import read_volume
-    from custom_components.targets import medial_surface_tube, signed_distance_map
+    from custom_components.data.io import read_volume
+    from custom_components.data.targets import medial_surface_tube, signed_distance_map
 
     vol_dir = Path(cache_dir) / str(entry["id"])
     vol_dir.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,11 @@
-"""Competition score (shared/METRIC.md) of a folder of predicted TIFF volumes against a folder of labels.
+"""Competition score (docs/METRIC.md) of a folder of predicted TIFF volumes against a folder of labels.
 
-    python -m custom_components.evaluate --pred_dir DIR --label_dir DIR [--out results.csv] [--workers N]
+    python -m custom_components.metrics.evaluate --pred_dir DIR --label_dir DIR [--out results.csv] [--workers N]
 
 Volumes are matched by id = file stem (``<id>.tif`` / ``<id>.tiff``). Before anything is scored, every
 missing prediction, extra prediction (no label of that id), unreadable file and shape mismatch (shapes
 from the TIFF headers, read with ``tifffile``) is reported by file name on stderr and the command exits
-with status 1. Otherwise each volume is scored with ``custom_components.metrics.leaderboard_score``,
+with status 1. Otherwise each volume is scored with ``custom_components.metrics.score.leaderboard_score``,
 volumes in parallel processes (``--workers`` in all: min(workers, volumes) volume processes, the rest
 of the workers for the Betti tiles of each volume), and a table of the per-volume rows (id, score,
 topo_score, surface_dice, voi_score, voi, seconds = wall time of the volume incl. reading) with a mean
@@ -100,7 +100,7 @@ def _score_one(args) -> dict:
     stem, pred_path, label_path, tile_workers = args
     import tifffile
 
-    from custom_components.metrics import leaderboard_score
+    from custom_components.metrics.score import leaderboard_score
 
     t0 = time.perf_counter()
     try:
@@ -211,7 +211,7 @@ def compare_postprocessing(raw_dir, post_dir, label_dir, out_csv, workers: int =
 
 def main(argv=None) -> int:
     """Command line; returns the exit status (0 scored, 1 missing / extra / unreadable / mismatched files)."""
-    ap = argparse.ArgumentParser(prog="python -m custom_components.evaluate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m custom_components.metrics.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--pred_dir", required=True, help="folder of predicted <id>.tif volumes")
     ap.add_argument("--label_dir", required=True, help="folder of label <id>.tif volumes (0 / 1 / 2)")
     ap.add_argument("--out", default=None, help="CSV of the per-volume rows and the mean row (written atomically)")

@@ -3,7 +3,7 @@
 Both functions take a (Z, Y, X) uint8 label with 0 = background, 1 = surface, 2 = unlabeled (see
 docs/CONVENTIONS.md) and treat label 2 as background: the losses mask those voxels out anyway, so what
 the targets hold there never reaches a gradient. Neither is ever computed inside the training loop;
-``custom_components.prepare`` caches them and the patch sampler crops/warps them with the label, giving
+``custom_components.data.prepare`` caches them and the patch sampler crops/warps them with the label, giving
 the label tensor its channels 1 (``signed_distance_map``) and 2 (``medial_surface_tube``).
 """
 

@@ -1,6 +1,6 @@
 """Tuning without a person: the largest batch that fits, loader settings that keep the GPU fed, the run's duration.
 
-    python -m custom_components.autotune --config_file bundle/configs/train.json [--config_file more.json ...]
+    python -m custom_components.training.autotune --config_file bundle/configs/train.json [--config_file more.json ...]
         [--dataset_dir DIR] [--max_minutes 5] [--out tune.json] [--key value ...]
 
 The configs are read as ``python -m monai.bundle run`` reads them: the files merged in order, then every
@@ -379,22 +379,34 @@ def _root_error(e: BaseException) -> BaseException:
 
 
 def _handler_refs(parser, trainer_id: str) -> list[str]:
-    """References to the trainer's handlers that work per iteration and write no file (``SAFE_HANDLERS``)."""
+    """References to the trainer's handlers that work per iteration and write no file (``SAFE_HANDLERS``).
+
+    ``train_handlers`` may be a list, a reference to one, or an expression joining references
+    (``"$[@train#checkpoint_resumer] + @train#handlers + [@train#checkpoint_saver]"``): every referenced
+    list is scanned item by item, every referenced component on its own.
+    """
+    import re
+
     key = f"{trainer_id}#train_handlers"
     raw = parser.get(key)
-    if raw is None:
+    if isinstance(raw, list):
+        sources = [key]
+    elif isinstance(raw, str):
+        sources = re.findall(r"@([\w#]+)", raw)
+    else:
         return []
-    base = key
-    if isinstance(raw, str) and raw.startswith("@"):
-        base = raw[1:]
-        raw = parser.get(base)
-    if not isinstance(raw, list):
-        return []
-    refs = []
-    for i, h in enumerate(raw):
+
+    def safe(h) -> bool:
         target = h.get("_target_", "") if isinstance(h, dict) else ""
-        if isinstance(target, str) and target.rsplit(".", 1)[-1] in SAFE_HANDLERS:
-            refs.append(f"@{base}#{i}")
+        return isinstance(target, str) and target.rsplit(".", 1)[-1] in SAFE_HANDLERS
+
+    refs = []
+    for src in sources:
+        item = parser.get(src)
+        if isinstance(item, list):
+            refs += [f"@{src}#{i}" for i, h in enumerate(item) if safe(h)]
+        elif safe(item):
+            refs.append(f"@{src}")
     return refs
 
 
@@ -550,7 +562,7 @@ class _Tuner:
             "max_levels": int(get("max_levels", 6)),
             "topology_every_n": int(get("topology_every_n", 1) or 1),
         }
-        from custom_components.workflow import check_settings
+        from custom_components.training.workflow import check_settings
 
         try:
             check_settings(self.cfg["patch_size"], self.cfg["batch_size"], self.cfg["device"], self.cfg["epochs"],
@@ -585,7 +597,7 @@ class _Tuner:
              f"{self.trainer_id}#max_epochs": 1, f"{self.trainer_id}#epoch_length": int(steps),
              f"{self.trainer_id}#train_handlers": list(self.handler_refs)}
         if "preflight" in _STORE:
-            o["preflight"] = "$custom_components.autotune._STORE['preflight']"
+            o["preflight"] = "$custom_components.training.autotune._STORE['preflight']"
         parser = _make_parser(self.config_files, o)
         for key in self.determinism:  # the run's own initialize step (cudnn deterministic is slower)
             parser.get_parsed_content(key)
@@ -931,7 +943,7 @@ def run_autotune(config_files: Sequence[str], overrides: dict, args) -> dict:
         why = next((t["val_note"] for t in trials if t.get("val_note")), "time ran out or no trial finished")
         validation["note"] = f"no validation forward was timed ({why})"
     else:
-        from custom_components.io import read_tiff_header
+        from custom_components.data.io import read_tiff_header
 
         shapes = [list(read_tiff_header(e["image"])[0]) for e in tuner.val_entries]
         val_s = validation_seconds(shapes, v["val_roi"], v["val_overlap"], v["val_sw_batch_size"], v["val_forward_s"])
@@ -984,7 +996,7 @@ def run_autotune(config_files: Sequence[str], overrides: dict, args) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI (see the module docstring). Prints the report; 0 on success, 2 with a message naming the wrong setting."""
-    p = argparse.ArgumentParser(prog="python -m custom_components.autotune", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m custom_components.training.autotune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config_file", action="append", required=True,
                    help="a config file, given several times or as \"['a.json','b.json']\"; merged in order")
@@ -1024,7 +1036,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # run inside the importable module, so the configs' ``custom_components.autotune._STORE`` is this one
-    from custom_components.autotune import main as _main
+    # run inside the importable module, so the configs' ``custom_components.training.autotune._STORE`` is this one
+    from custom_components.training.autotune import main as _main
 
     raise SystemExit(_main())

@@ -13,7 +13,7 @@ Checked (every problem is reported, one line each, naming the file and what is w
 - ``test_images/*.tif(f)`` (when the folder exists) likewise 3D uint8; ``test_labels/<id>.tif`` (optional)
   belongs to a test image and matches it like a training label.
 
-``python -m custom_components.validate_data --data_root DIR [--headers_only]`` prints the problems
+``python -m custom_components.data.validate_data --data_root DIR [--headers_only]`` prints the problems
 (exit 1) or ``OK: N training volumes, M test volumes``. Training / inference call ``check_or_raise``.
 """
 
@@ -79,7 +79,7 @@ def read_train_csv(path) -> tuple[list[dict], list[str]]:
 
 def _volume(path: str, decode: bool):
     """``(array or None, shape, dtype)``; raises ``ValueError`` naming the file."""
-    from custom_components.io import read_tiff_header, read_volume, volume_format
+    from custom_components.data.io import read_tiff_header, read_volume, volume_format
 
     if not decode and volume_format(path) == "tiff":
         shape, dtype = read_tiff_header(path)
@@ -242,7 +242,7 @@ def check_or_raise(data_root, check_test: bool = True, decode: bool = False, wor
     if problems:
         shown = problems[:MAX_LISTED]
         more = (
-            f"\n  ... and {len(problems) - MAX_LISTED} more (python -m custom_components.validate_data --data_root {data_root})"
+            f"\n  ... and {len(problems) - MAX_LISTED} more (python -m custom_components.data.validate_data --data_root {data_root})"
             if len(problems) > MAX_LISTED
             else ""
         )
@@ -252,7 +252,7 @@ def check_or_raise(data_root, check_test: bool = True, decode: bool = False, wor
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 valid, 1 problems)."""
-    ap = argparse.ArgumentParser(prog="python -m custom_components.validate_data", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m custom_components.data.validate_data", description=__doc__.split("\n")[0])
     ap.add_argument("--data_root", required=True, help="folder holding train.csv, train_images/, train_labels/, test_images/")
     ap.add_argument("--headers_only", action="store_true", help="read TIFF headers only (shape, dtype): fast, no label values")
     ap.add_argument("--skip_test", action="store_true", help="do not check test_images / test_labels")

@@ -1,6 +1,6 @@
 """Conversion of a Kaggle-layout dataset to the nnU-Net v2 "raw" format (for the host's baseline).
 
-``python -m custom_components.convert_nnunet --data_root DIR --out DIR [--dataset_id 101 --name VesuviusSurface]``
+``python -m custom_components.data.convert_nnunet --data_root DIR --out DIR [--dataset_id 101 --name VesuviusSurface]``
 writes ``OUT/DatasetXXX_Name/``::
 
     imagesTr/<id>_0000.nii.gz   labelsTr/<id>.nii.gz   imagesTs/<id>_0000.nii.gz
@@ -9,7 +9,7 @@ writes ``OUT/DatasetXXX_Name/``::
 ``dataset.json``: ``channel_names {"0": "CT"}``, ``labels {"background": 0, "surface": 1, "ignore": 2}``
 (nnU-Net's ignore label must be the highest), ``numTraining``, ``file_ending ".nii.gz"``.
 The NIfTI files hold the TIFF arrays unchanged (uint8, identity affine: spacing 1, 1, 1; axis
-convention in ``custom_components.io``). The case identifier is the Kaggle id. The dataset is checked
+convention in ``custom_components.data.io``). The case identifier is the Kaggle id. The dataset is checked
 first (``validate_data.check_or_raise`` on headers); files are written atomically.
 """
 
@@ -52,7 +52,7 @@ def dataset_json(num_training: int, name: str = "VesuviusSurface") -> dict:
 
 
 def _convert_one(src: str, dst: str) -> str:
-    from custom_components.io import read_volume, write_volume
+    from custom_components.data.io import read_volume, write_volume
 
     write_volume(dst, read_volume(src))
     return dst
@@ -72,7 +72,7 @@ def convert(
     and case files of ids no longer in the dataset are removed). ``workers`` threads convert in parallel
     (default ``min(8, cpu_count)``; gzip and LZW release the GIL).
     """
-    from custom_components.validate_data import check_or_raise, read_train_csv
+    from custom_components.data.validate_data import check_or_raise, read_train_csv
 
     root = os.fspath(data_root)
     folder = os.path.join(os.fspath(out), dataset_folder_name(dataset_id, name))
@@ -114,7 +114,7 @@ def convert(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (module docstring)."""
-    ap = argparse.ArgumentParser(prog="python -m custom_components.convert_nnunet", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m custom_components.data.convert_nnunet", description=__doc__.split("\n")[0])
     ap.add_argument("--data_root", required=True)
     ap.add_argument("--out", required=True, help="nnU-Net raw folder (nnUNet_raw)")
     ap.add_argument("--dataset_id", type=int, default=101)
