@@ -2,10 +2,11 @@
 
 Side by side in one run, from one 320^3 synthetic scroll volume, at 72x136x136 and 128^3:
 
-(a) ours: crop from the memory-mapped cache (host), then the train.json device transforms
-    (``Rand3DElasticd`` with rotation + scaling fused, flips, intensity) -- on CUDA where present, and
-    also on the CPU, so the total CPU figure cannot be won by moving work out of what is counted;
-    "ours, elastic always" forces the elastic resample on every sample (train.json uses p = 0.2);
+(a) ours: crop from the memory-mapped cache (host), then train.json's device augmentation
+    (``BatchRandAugment``: rotation + scaling + mirroring + elastic in one resample, intensity) -- on
+    CUDA where present, and also on the CPU, so the total CPU figure cannot be won by moving work out
+    of what is counted; "elastic always" forces the elastic field on every sample (train.json uses
+    p = 0.2); "MONAI per sample" is the same augmentation as MONAI transforms (``monai_augment.json``);
 (b) seed-style: what the earlier trainer did on the CPU per sample: crop, MONAI ``Rand3DElasticd``,
     ``RandRotated`` and ``RandZoomd`` as separate transforms, plus the label's distance transforms
     (inside and outside, scipy);
@@ -58,13 +59,16 @@ def device_ms(fn, n):
     return start.elapsed_time(end) / n
 
 
-def our_transforms(patch, device, elastic_prob=None):
+def our_transforms(patch, device, elastic_prob=None, monai=False):
+    """train.json's augmentation (``monai``: the MONAI per-sample one of monai_augment.json)."""
     parser = ConfigParser()
-    parser.read_config(TRAIN_JSON)
+    parser.read_config([TRAIN_JSON] + ([os.path.join(os.path.dirname(TRAIN_JSON), "monai_augment.json")] if monai else []))
     parser["patch_size"] = list(patch)
     parser["device"] = str(device)
-    if elastic_prob is not None:
+    if elastic_prob is not None and monai:
         parser["train#device_transforms"][0]["prob"] = elastic_prob
+    elif elastic_prob is not None:
+        parser["train#augment#elastic_prob"] = elastic_prob
     aug = parser.get_parsed_content("train#augment")
     aug.set_random_state(0)
     return aug, int(parser["aug_margin"])
@@ -95,22 +99,21 @@ def main(argv=None):
     ratio = None
     for size in a.sizes:
         patch = [int(s) for s in size.split("x")]
-        aug_cpu, margin = our_transforms(patch, "cpu")
-        aug_cpu_el, _ = our_transforms(patch, "cpu", elastic_prob=1.0)
-        ds = PatchDataset(prepared, patch, margin=margin, samples_per_epoch=a.samples, seed=0)
+        ds = PatchDataset(prepared, patch, margin=int(ConfigParser.load_config_file(TRAIN_JSON)["aug_margin"]),
+                          samples_per_epoch=a.samples, seed=0)
         batch = lambda i: {k: v[None] for k, v in ds[(0, i)].items() if k in ("image", "label", "sdm", "tube")}  # noqa: E731
         host = cpu_ms(lambda i: ds[(0, i)], a.samples)
         samples = [batch(i) for i in range(a.samples)]
-        ours_aug = cpu_ms(lambda i: aug_cpu(samples[i], "cpu"), a.samples)
-        ours_aug_el = cpu_ms(lambda i: aug_cpu_el(samples[i], "cpu"), a.samples)
-        dev = dev_el = None
-        if cuda:
-            aug_gpu, _ = our_transforms(patch, "cuda")
-            aug_gpu_el, _ = our_transforms(patch, "cuda", elastic_prob=1.0)
-            dev = device_ms(lambda i: aug_gpu(samples[i % a.samples], "cuda"), a.samples)
-            dev_el = device_ms(lambda i: aug_gpu_el(samples[i % a.samples], "cuda"), a.samples)
-        rows.append((size, "ours (train.json)", host, host + ours_aug, dev))
-        rows.append((size, "ours, elastic always", host, host + ours_aug_el, dev_el))
+        for name, kw in (("ours (train.json)", {}), ("ours, elastic always", {"elastic_prob": 1.0}),
+                         ("ours, MONAI per sample", {"monai": True}),
+                         ("ours, MONAI per sample, elastic always", {"monai": True, "elastic_prob": 1.0})):
+            aug_cpu, margin = our_transforms(patch, "cpu", **kw)
+            cpu = cpu_ms(lambda i: aug_cpu(samples[i], "cpu"), a.samples)
+            dev = None
+            if cuda:
+                aug_gpu, _ = our_transforms(patch, "cuda", **kw)
+                dev = device_ms(lambda i: aug_gpu(samples[i % a.samples], "cuda"), a.samples)
+            rows.append((size, name, host, host + cpu, dev))
 
         # (b) the earlier trainer: everything on the host CPU, per sample
         from monai.transforms import Compose, Rand3DElasticd, RandRotated, RandZoomd

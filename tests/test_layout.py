@@ -29,6 +29,7 @@ MERGES = [
     ["train.json", "kaggle.json"],
     ["train.json", "seed_patch.json"],
     ["train.json", "resume.json"],
+    ["train.json", "monai_augment.json"],
     ["train.json", "multi_gpu_train.json"],
     ["train.json", "demo.json", "multi_gpu_train.json"],
     ["inference.json"],

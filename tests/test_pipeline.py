@@ -111,8 +111,9 @@ def test_shard_entries_disjoint():
 
 
 def _augment(patch, elastic_prob=1.0):
+    """The MONAI per-sample augmentation of ``monai_augment.json``."""
     parser = ConfigParser()
-    parser.read_config(TRAIN_JSON)
+    parser.read_config([TRAIN_JSON, os.path.join(os.path.dirname(TRAIN_JSON), "monai_augment.json")])
     parser["patch_size"] = patch
     parser["device"] = "cpu"
     parser["train#device_transforms"][0]["prob"] = elastic_prob

@@ -35,9 +35,9 @@ class CompositeTopologyLoss(_Loss):
     ``L_t = sum_i w_i L_t(h_i)``; the terms in ``main_head_only`` (by default the costly ones) use h_0
     only: ``L_t = L_t(h_0)``.
 
-    ``last_terms`` (``dict[str, float]``) holds each computed term's last value ``L_t`` (before its
-    weight), for the ``loss/<term>`` logs; the values are kept as detached tensors and converted to floats
-    only when read, so the loss itself never synchronises the device.
+    ``last_term_tensors`` holds each computed term's last value ``L_t`` (before its weight) as a detached
+    device scalar, for the ``loss/<term>`` logs (summed on the device, read once per epoch);
+    ``last_terms`` gives them as floats, which reads the device: the loss itself never synchronises it.
     """
 
     def __init__(
@@ -120,6 +120,11 @@ class CompositeTopologyLoss(_Loss):
         }
         self.terms = torch.nn.ModuleDict({n: builders[n]() for n in self.weights})
         self._last_terms: dict[str, torch.Tensor] = {}
+
+    @property
+    def last_term_tensors(self) -> dict[str, torch.Tensor]:
+        """``{term: last value}`` as detached 0-d tensors on the loss's device (no host read)."""
+        return dict(self._last_terms)
 
     @property
     def last_terms(self) -> dict[str, float]:

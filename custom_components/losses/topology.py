@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
+from custom_components.sync import sync_allowed
+
 from ._masking import check_pair, masked_probs, reduce_per_sample, split_label
 
 __all__ = ["PersistentHomologyLoss", "load_betti_matching"]
@@ -176,8 +178,9 @@ class PersistentHomologyLoss(_Loss):
         ext = load_betti_matching()
         batch, spatial = f_pred.shape[0], tuple(f_pred.shape[1:])
         ndim, nvox = len(spatial), math.prod(spatial)
-        pred_np = f_pred.detach().to("cpu", torch.float64).numpy()
-        true_np = f_true.detach().to("cpu", torch.float64).numpy()
+        with sync_allowed():  # the topology step's one intended read: the pooled maps to the host
+            pred_np = f_pred.detach().to("cpu", torch.float64).numpy()
+            true_np = f_true.detach().to("cpu", torch.float64).numpy()
         starts = self._windows(spatial, batch)
         size = spatial if self.crop is None else tuple(min(self.crop, s) for s in spatial)
         wins = [tuple(slice(o, o + n) for o, n in zip(st, size)) for st in starts]
@@ -212,7 +215,10 @@ class PersistentHomologyLoss(_Loss):
         device = f_pred.device
 
         def t(parts: list) -> torch.Tensor:
-            return torch.from_numpy(np.concatenate(parts)).to(device)
+            host = torch.from_numpy(np.concatenate(parts))
+            if device.type == "cuda":  # pinned + non_blocking: the copy does not wait for the device
+                return host.pin_memory().to(device, non_blocking=True)
+            return host
 
         fp, ft = f_pred.reshape(-1), f_true.reshape(-1)
         per_sample = torch.zeros(batch, dtype=torch.float32, device=device)

@@ -483,8 +483,9 @@ class _SavedBytes:
 
 
 class _StepRecorder:
-    """Per-iteration data wait and step time (``GET_BATCH_STARTED`` -> ``ITERATION_COMPLETED``), the trainer's
-    ``state.step_times`` parts and saved-tensor bytes; ends the run at ``deadline`` once a measured step is in."""
+    """Per-iteration data wait and step time (``GET_BATCH_STARTED`` -> ``ITERATION_COMPLETED``), the mean
+    phases of the trainer's ``step_timer`` over the measured steps (restarted after the warm-up, read once at
+    the end) and saved-tensor bytes; ends the run at ``deadline`` once a measured step is in."""
 
     def __init__(self, warmup: int, deadline: float, saved: _SavedBytes | None = None):
         self.warmup, self.deadline, self.saved = int(warmup), float(deadline), saved
@@ -507,9 +508,11 @@ class _StepRecorder:
 
     def _completed(self, engine):
         now = time.perf_counter()
-        parts = dict(getattr(engine.state, "step_times", {}) or {})
-        self.steps.append({"total": now - self.t0, "wait": self.wait, "parts": parts,
+        self.timer = getattr(engine, "step_timer", None)
+        self.steps.append({"total": now - self.t0, "wait": self.wait,
                            "saved": self.saved.step_bytes if self.saved is not None else None})
+        if len(self.steps) == self.warmup and self.timer is not None:
+            self.timer.reset()
         if time.time() > self.deadline:  # out of time: stop after this step (warm-up only, if need be)
             engine.terminate()
 
@@ -518,10 +521,8 @@ class _StepRecorder:
         if not measured:
             return {"steps": 0, "step_s": None, "data_wait_fraction": None, "parts": {}, "warmup_only": True}
         total = sum(s["total"] for s in measured)
-        parts = {}
-        for s in measured:
-            for k, v in s["parts"].items():
-                parts[k] = parts.get(k, 0.0) + float(v) / len(measured)
+        timer = getattr(self, "timer", None)
+        parts = {k: v / len(timer) for k, v in timer.totals().items()} if timer is not None and len(timer) else {}
         saved = [s["saved"] for s in self.steps if s["saved"] is not None]
         return {
             "steps": len(measured),

@@ -3,13 +3,17 @@
 - ``EpochSeedHandler``: at every epoch start, ``sampler.set_epoch(epoch)`` and
   ``augment.set_random_state(seed + epoch)``: an epoch's patches and augmentations depend only on
   (seed, epoch), so resuming from an end-of-epoch checkpoint is exact.
-- ``LossTermsHandler``: copies the composite loss's ``last_terms`` into ``engine.state.metrics`` as
-  ``loss/<term>`` (running mean over the epoch), with ``lr``; MONAI's ``StatsHandler`` /
-  ``TensorBoardStatsHandler`` then log them like any metric.
+- ``LossTermsHandler``: sums the composite loss's terms on the device every iteration and, at the
+  epoch's end, reads them once into ``engine.state.metrics`` as ``loss/<term>`` (epoch means), with
+  ``lr``; MONAI's ``StatsHandler`` / ``TensorBoardStatsHandler`` then log them like any metric.
 - ``ThroughputHandler``: per epoch samples/s, the fraction of the step spent waiting for data and in
-  augmentation, peak GPU memory and GPU utilisation (NVML, where ``nvidia-ml-py`` is installed); warns
-  when data wait exceeds ``warn_data_wait`` and names the likely cause and the override that helps.
-- ``RunProgressHandler``: a tqdm bar for the epoch, and the ETA of the whole run in the log.
+  each phase of the trainer's ``step_timer`` (read once per epoch), peak GPU memory and GPU utilisation
+  (NVML, where ``nvidia-ml-py`` is installed); warns when data wait exceeds ``warn_data_wait`` and names
+  the likely cause and the override that helps.
+- ``RunProgressHandler``: a tqdm bar for the epoch (showing the loss the trainer already read, every
+  ``loss_every`` iterations), and the ETA of the whole run in the log.
+
+None of them reads the device during an iteration: a training step reads it once (the trainer).
 - ``FileLogHandler``: creates ``output_dir`` first (the earlier trainer crashed on exactly that) and
   adds ``<output_dir>/train.log`` to the loggers.
 """
@@ -45,27 +49,41 @@ class EpochSeedHandler:
 
 
 class LossTermsHandler:
-    """Epoch means of ``loss_function.last_terms`` into ``state.metrics['loss/<term>']``, and ``lr``."""
+    """Epoch means of the loss terms into ``state.metrics['loss/<term>']``, and ``lr``.
+
+    Each iteration adds ``loss_function.last_term_tensors`` (detached device scalars) to device sums; the
+    sums are read once, at the epoch's end. A loss with only ``last_terms`` (floats) works too.
+    """
 
     def __init__(self, loss_function, optimizer=None):
         self.loss_function, self.optimizer = loss_function, optimizer
-        self._sums: dict[str, float] = {}
+        self._sums: dict = {}
         self._n = 0
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
     def _reset(self, engine: Engine) -> None:
         self._sums, self._n = {}, 0
 
     def _update(self, engine: Engine) -> None:
-        terms = dict(getattr(self.loss_function, "last_terms", {}) or {})
+        terms = getattr(self.loss_function, "last_term_tensors", None)
+        if terms is None:
+            terms = getattr(self.loss_function, "last_terms", {}) or {}
         self._n += 1
         for k, v in terms.items():
-            self._sums[k] = self._sums.get(k, 0.0) + float(v)
-        for k, v in self._sums.items():
-            engine.state.metrics[f"loss/{k}"] = v / self._n
+            self._sums[k] = self._sums.get(k, 0.0) + v
+
+    def _write(self, engine: Engine) -> None:
+        if self._sums:
+            from custom_components.sync import host_read
+
+            names = list(self._sums)
+            values = host_read(*(torch.as_tensor(self._sums[k]) for k in names))
+            for k, v in zip(names, values):
+                engine.state.metrics[f"loss/{k}"] = v / max(self._n, 1)
         if self.optimizer is not None:
             engine.state.metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
 
@@ -103,7 +121,7 @@ class ThroughputHandler:
 
     def _epoch_started(self, engine: Engine) -> None:
         self.t_epoch = time.perf_counter()
-        self.wait = self.augment = 0.0
+        self.wait = 0.0
         self.iters = 0
         self.util = []
         self.cuda = torch.device(engine.state.device).type == "cuda"
@@ -120,19 +138,22 @@ class ThroughputHandler:
 
     def _iteration_completed(self, engine: Engine) -> None:
         self.iters += 1
-        self.augment += float(getattr(engine.state, "step_times", {}).get("augment", 0.0))
         pynvml, handle = self._nvml or (None, None)
         if handle is not None and self.iters % 10 == 0:
             self.util.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
 
     def _epoch_completed(self, engine: Engine) -> None:
+        timer = getattr(engine, "step_timer", None)
+        phases = timer.totals() if timer is not None else {}
         elapsed = max(time.perf_counter() - self.t_epoch, 1e-9)
         m = engine.state.metrics
         m["throughput/samples_per_s"] = self.iters * self.batch_size / elapsed
         m["throughput/data_wait"] = self.wait / elapsed
-        m["throughput/augment"] = self.augment / elapsed
+        for phase, seconds in phases.items():
+            m[f"throughput/{phase}"] = seconds / elapsed
+        engine.state.step_times = {k: v / max(len(timer), 1) for k, v in phases.items()} if phases else {}
         msg = (f"epoch {engine.state.epoch}: {m['throughput/samples_per_s']:.2f} samples/s, "
-               f"data wait {100 * m['throughput/data_wait']:.1f} %, augmentation {100 * m['throughput/augment']:.1f} %")
+               f"data wait {100 * m['throughput/data_wait']:.1f} %, augmentation {100 * m.get('throughput/augment', 0.0):.1f} %")
         if self.cuda:
             m["throughput/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(engine.state.device) / 2**30
             msg += f", peak GPU memory {m['throughput/peak_gpu_mem_gb']:.1f} GB"
@@ -153,8 +174,9 @@ class ThroughputHandler:
 class RunProgressHandler:
     """tqdm bar over the epoch's iterations and, at each epoch end, the ETA of the whole run."""
 
-    def __init__(self, enabled: bool = True, rank: int = 0):
+    def __init__(self, enabled: bool = True, rank: int = 0, loss_every: int = 10):
         self.enabled = enabled and rank == 0
+        self.loss_every = max(1, int(loss_every))
         self.bar = None
 
     def attach(self, engine: Engine) -> None:
@@ -180,9 +202,9 @@ class RunProgressHandler:
 
     def _iteration(self, engine: Engine) -> None:
         if self.bar is not None:
-            loss = engine.state.output.get("loss") if isinstance(engine.state.output, dict) else None
-            if loss is not None:
-                self.bar.set_postfix(loss=f"{float(loss):.4f}")
+            loss = getattr(engine.state, "loss_value", None)  # a float the trainer read; never the tensor
+            if isinstance(loss, float) and engine.state.iteration % self.loss_every == 0:
+                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             self.bar.update(1)
 
     def _epoch_completed(self, engine: Engine) -> None:

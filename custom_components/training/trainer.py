@@ -1,4 +1,4 @@
-"""``SupervisedTrainer`` with what the stock one has no hook for.
+"""``SupervisedTrainer`` with what the stock one has no hook for, and one host read per step.
 
 - bf16 autocast on CUDA (``amp=True``); bf16 needs no gradient scaler, so none is created. On the CPU
   ``amp`` is ignored (float32).
@@ -7,8 +7,11 @@
   ``state.skipped_steps``; after ``max_nonfinite_in_row`` such steps in a row training stops with
   ``NonFiniteLossError`` naming the iteration, the volume ids of the batch and the loss terms that
   were not finite. The last good checkpoint stays as it was.
-- The time spent in ``prepare_batch`` (device augmentation) and in forward / loss / backward /
-  optimiser is kept in ``state.step_times`` for the throughput handler.
+- The step reads the device once: the finiteness of loss and gradient norm and the loss value travel
+  together in one ``tolist()`` (``state.loss_value`` keeps the value for the progress bar). Nothing
+  else in the step synchronises: the phase timings (``step_timer``: augmentation, forward, loss,
+  backward, optimiser) are CUDA events on a GPU, summed and read once per epoch by the throughput
+  handler (``perf_counter`` on the CPU).
 """
 
 from __future__ import annotations
@@ -17,15 +20,61 @@ import math
 import time
 
 import torch
+from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
-__all__ = ["TopologyTrainer", "NonFiniteLossError"]
+from custom_components.sync import host_read, sync_allowed
+
+__all__ = ["TopologyTrainer", "NonFiniteLossError", "StepTimer"]
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite steps in a row."""
+
+
+class StepTimer:
+    """Seconds per phase of the training step, summed over an epoch and read once (``totals``).
+
+    On CUDA each ``mark`` records an event on the current stream (no synchronisation); ``totals`` waits for
+    the last one and adds up the intervals. On the CPU ``perf_counter``.
+    """
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.reset()
+
+    def reset(self) -> None:
+        self._steps: list[list] = []
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self._steps.append([("start", self._now())])
+
+    def mark(self, phase: str) -> None:
+        self._steps[-1].append((phase, self._now()))
+
+    def totals(self) -> dict[str, float]:
+        """``{phase: seconds summed over the steps since reset}`` (one wait for the device on CUDA)."""
+        out: dict[str, float] = {}
+        if self.cuda and self._steps:
+            with sync_allowed():
+                self._steps[-1][-1][1].synchronize()
+        for marks in self._steps:
+            for (_, a), (phase, b) in zip(marks, marks[1:]):
+                dt = a.elapsed_time(b) / 1000 if self.cuda else b - a
+                out[phase] = out.get(phase, 0.0) + dt
+        return out
+
+    def __len__(self) -> int:
+        return len(self._steps)
 
 
 class TopologyTrainer(SupervisedTrainer):
@@ -40,66 +89,59 @@ class TopologyTrainer(SupervisedTrainer):
             raise ValueError(f"max_nonfinite_in_row must be >= 1, got {max_nonfinite_in_row}.")
         self.state.skipped_steps = 0
         self.state.nonfinite_in_row = 0
-        self.state.step_times = {}
+        self.state.loss_value = float("nan")
+        self.step_timer = StepTimer(self.state.device)
+        self.add_event_handler(Events.EPOCH_STARTED, lambda engine: self.step_timer.reset())
 
-    def _sync(self):
-        if torch.device(self.state.device).type == "cuda":
-            torch.cuda.synchronize(self.state.device)
+    def _grad_norm(self, engine) -> torch.Tensor:
+        params = [p for p in engine.network.parameters() if p.grad is not None]
+        if not params:
+            return torch.zeros((), device=self.state.device)
+        if self.clip_grad_norm is not None:
+            return torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
 
     def _iteration(self, engine, batchdata):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        times = {}
-        t0 = time.perf_counter()
+        timer = self.step_timer
+        timer.start()
         inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
-        t1 = time.perf_counter()
-        times["augment"] = t1 - t0
+        timer.mark("augment")
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_bf16):
             pred = engine.inferer(inputs, engine.network)
-            self._sync()
-            t2 = time.perf_counter()
-            times["forward"] = t2 - t1
+            timer.mark("forward")
             engine.state.output[Keys.PRED] = pred
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             loss = engine.loss_function(pred, targets).mean()
-        self._sync()
-        t3 = time.perf_counter()
-        times["loss"] = t3 - t2
+        timer.mark("loss")
         engine.state.output[Keys.LOSS] = loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        finite = bool(torch.isfinite(loss))
-        if finite:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            params = [p for p in engine.network.parameters() if p.grad is not None]
-            if self.clip_grad_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
-            else:
-                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-            finite = bool(torch.isfinite(norm))
-        self._sync()
-        t4 = time.perf_counter()
-        times["backward"] = t4 - t3
+        # backward also on a non-finite loss: its gradients are discarded below, and deciding first would
+        # cost a second read of the device
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        norm = self._grad_norm(engine)
+        timer.mark("backward")
+        finite, engine.state.loss_value = host_read(torch.isfinite(loss) & torch.isfinite(norm), loss)
         if finite:
             engine.optimizer.step()
             engine.state.nonfinite_in_row = 0
         else:
             engine.optimizer.zero_grad(set_to_none=True)
-            self._on_nonfinite(engine, batchdata, loss)
-        self._sync()
-        times["optimizer"] = time.perf_counter() - t4
-        engine.state.step_times = times
+            self._on_nonfinite(engine, batchdata, math.isfinite(engine.state.loss_value))
+        timer.mark("optimizer")
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
-    def _on_nonfinite(self, engine, batchdata, loss):
+    def _on_nonfinite(self, engine, batchdata, loss_finite: bool):
         engine.state.skipped_steps += 1
         engine.state.nonfinite_in_row += 1
         terms = getattr(engine.loss_function, "last_terms", {}) or {}
-        bad = [k for k, v in terms.items() if not math.isfinite(float(v))] or (["total"] if not torch.isfinite(loss) else ["gradients"])
+        bad = [k for k, v in terms.items() if not math.isfinite(float(v))] or (["gradients"] if loss_finite else ["total"])
         ids = batchdata.get("id") if isinstance(batchdata, dict) else None
         msg = (
             f"non-finite step at iteration {engine.state.iteration} (epoch {engine.state.epoch}): "
