@@ -471,6 +471,17 @@ def test_leaderboard_metric_batch():
         m2(torch.cat([y_pred, y_pred], 1), y)
 
 
+def test_weight_zero_samples_are_not_scored_and_do_not_count():
+    y_pred, y = _batch()  # scores 1.0 and 0.65 (see above)
+    m = LeaderboardMetric(workers=1)
+    m([y_pred[0]], [y[0]], weight=1.0)
+    m([y_pred[1]], [y[1]], weight=0.0)  # a rank's padding copy
+    assert len(m.results) == 1  # not scored
+    assert float(m.aggregate()) == pytest.approx(1.0, abs=1e-6)
+    m([y_pred[1]], [y[1]], weight=1.0)
+    assert m.aggregate_components()["surface_dice"] == pytest.approx(0.5, abs=1e-6)  # (1 + 0) / 2
+
+
 def test_ignite_handler_from_a_bundle_config():
     from ignite.engine import Engine
     from monai.bundle import ConfigParser

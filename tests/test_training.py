@@ -111,3 +111,42 @@ def test_torchrun_gloo_two_ranks(data_dir, tmp_path):
     log = (out / "train.log").read_text()
     assert log.count("samples/s") == 1  # one epoch, logged by rank 0 only
     assert sorted(os.listdir(out)) == sorted(set(os.listdir(out)) & {"cache", "checkpoints", "tensorboard", "train.log"})
+
+
+def test_torchrun_two_ranks_one_validation_volume_scores_as_one_process(data_dir, tmp_path):
+    """Fewer validation volumes than ranks: rank 1 validates a weight-0 copy, the score is rank 0's volume's."""
+    out = tmp_path / "ddp1"
+    o = tiny_overrides(data_dir, out, epochs=1, iterations_per_epoch=2, val_interval=1, val_fraction=0.5, val_max_volumes=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", "-m", "monai.bundle",
+                        "run", "training", "--config_file", json.dumps([TRAIN_JSON, MULTI_JSON]), *cli_args(o)],
+                       cwd=REPO, capture_output=True, text=True, timeout=400, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
+    ddp_score = best["meta"]["best_metric"]
+    assert 0 < ddp_score <= 1
+
+    single = tiny_overrides(data_dir, tmp_path / "single", epochs=1, iterations_per_epoch=2, val_interval=1, val_fraction=0.5,
+                            val_max_volumes=1)
+    wf = _workflow(**single)
+    wf.initialize()
+    wf.parser.get_parsed_content("network").load_state_dict(best["network"])
+    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    assert len(wf.parser.get_parsed_content("validate#records")) == 1
+    evaluator.run()
+    assert evaluator.state.metrics["val_score"] == pytest.approx(ddp_score, abs=1e-6)
+
+
+def test_val_records_share_volumes_and_pad_with_weight_zero():
+    from custom_components.training.workflow import val_records
+
+    prepared = [{"id": str(i), "cache": f"/c/{i}"} for i in range(3)]
+    assert [(r["id"], r["weight"]) for r in val_records(prepared)] == [("0", 1.0), ("1", 1.0), ("2", 1.0)]
+    assert [r["id"] for r in val_records(prepared, 2, rank=1, world_size=2)] == ["1"]
+    assert [r["id"] for r in val_records(prepared, None, rank=0, world_size=2)] == ["0", "2"]
+    # 8 ranks, 3 volumes: ranks 3..7 validate a weight-0 copy of volume rank % 3
+    padded = [val_records(prepared, None, rank=r, world_size=8) for r in range(8)]
+    assert [(p[0]["id"], p[0]["weight"]) for p in padded[3:]] == [("0", 0.0), ("1", 0.0), ("2", 0.0), ("0", 0.0), ("1", 0.0)]
+    assert sum(r["weight"] for p in padded for r in p) == 3
+    with pytest.raises(ValueError, match="rank 2 is not in"):
+        val_records(prepared, rank=2, world_size=2)

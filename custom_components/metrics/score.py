@@ -450,6 +450,8 @@ def _monai_classes() -> None:
         ``aggregate()`` is the mean score (0-d tensor); ``aggregate_components()`` the means of score,
         topo_score, surface_dice, voi_score and voi (synchronised across ranks like the scores);
         ``results`` holds this rank's full per-sample result dicts since the last ``reset()``.
+        ``weight`` (per call, default 1): a sample of weight 0 is not scored and counts for nothing in
+        the means (a rank's padding copy when there are fewer validation volumes than ranks).
         """
 
         def __init__(self, workers: int = 1, threshold: float | None = None) -> None:
@@ -464,7 +466,8 @@ def _monai_classes() -> None:
             self._components.reset()
             self.results = []
 
-        def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, weight: float = 1.0,
+                            **kwargs) -> torch.Tensor:
             """(B, 1) float32 scores of (B, 1, Z, Y, X) predictions against (B, C, Z, Y, X) labels."""
             if y is None:
                 raise ValueError("LeaderboardMetric needs labels y of shape (B, C, Z, Y, X), got y=None.")
@@ -475,6 +478,9 @@ def _monai_classes() -> None:
                     f"got y_pred shape {tuple(y_pred.shape)} and y shape {tuple(y.shape)}."
                 )
             scores, comps = [], []
+            if float(weight) == 0:  # padding: no work, a row the means ignore
+                self._components.extend(torch.zeros(y_pred.shape[0], len(COMPONENTS) + 1, dtype=torch.float64))
+                return torch.full((y_pred.shape[0], 1), float("nan"), device=y_pred.device)
             for b in range(y_pred.shape[0]):
                 pred = y_pred[b, 0].detach().float().cpu().numpy()
                 if self.threshold is not None:
@@ -483,7 +489,7 @@ def _monai_classes() -> None:
                 r = leaderboard_score(pred, lab, workers=self.workers)
                 self.results.append(r)
                 scores.append([r["score"]])
-                comps.append([r[k] for k in COMPONENTS])
+                comps.append([r[k] for k in COMPONENTS] + [float(weight)])
             comps_t = torch.tensor(comps, dtype=torch.float64)
             self._components.extend(comps_t)
             return torch.tensor(scores, dtype=torch.float32, device=y_pred.device)
@@ -497,20 +503,44 @@ def _monai_classes() -> None:
             data = self._components.get_buffer()
             if data is None or (isinstance(data, torch.Tensor) and data.numel() == 0) or (isinstance(data, list) and not data):
                 return {k: float("nan") for k in COMPONENTS}
-            data = torch.as_tensor(data).reshape(-1, len(COMPONENTS))
-            return {k: float(data[:, i].mean()) for i, k in enumerate(COMPONENTS)}
+            data = torch.as_tensor(data).reshape(-1, len(COMPONENTS) + 1)
+            weights = data[:, -1]
+            if float(weights.sum()) == 0:
+                return {k: float("nan") for k in COMPONENTS}
+            return {k: float((data[:, i] * weights).sum() / weights.sum()) for i, k in enumerate(COMPONENTS)}
 
     class LeaderboardIgniteMetric(IgniteMetricHandler):
         """Ignite handler of ``LeaderboardMetric`` (as ``monai.handlers.MeanDice`` wraps ``DiceMetric``), for
         ``validate#key_metric``: ``engine.state.metrics[name]`` = mean score; beside it the component means
         under ``<prefix>_topo_score``, ``<prefix>_surface_dice``, ``<prefix>_voi_score``, ``<prefix>_voi``
         with prefix = ``name`` up to its first ``_`` (``val_score`` -> ``val_topo_score``; no ``_``: bare names).
+        A sample whose record has ``weight_key`` 0 (``val_records``' padding copy on a rank left without a
+        volume) is not scored and does not count.
         """
 
         def __init__(self, workers: int = 1, threshold: float | None = None, output_transform=lambda x: x,
-                     save_details: bool = True) -> None:
+                     save_details: bool = True, weight_key: str = "weight") -> None:
+            self.weight_key = weight_key
             super().__init__(metric_fn=LeaderboardMetric(workers=workers, threshold=threshold),
                              output_transform=output_transform, save_details=save_details)
+
+        def iteration_completed(self, engine) -> None:
+            """Reads the samples' ``weight_key`` (default 1) from the engine's batch, then updates as usual."""
+            batch = engine.state.batch
+            samples = batch if isinstance(batch, list) else []
+            self._weights = [float(d.get(self.weight_key, 1.0)) if isinstance(d, dict) else 1.0 for d in samples]
+            if isinstance(batch, dict) and self.weight_key in batch:
+                self._weights = [float(w) for w in batch[self.weight_key]]
+            super().iteration_completed(engine)
+
+        def update(self, output) -> None:
+            """Each sample of ``(y_pred, y)`` with its weight (0: a rank's padding copy, not scored)."""
+            y_pred, y = output
+            weights = getattr(self, "_weights", None) or [1.0] * len(y_pred)
+            if len(weights) != len(y_pred):
+                raise ValueError(f"{len(weights)} sample weights for {len(y_pred)} predictions.")
+            for p, t, w in zip(y_pred, y, weights):
+                self.metric_fn([p], [t], weight=w)
 
         def completed(self, engine, name) -> None:
             super().completed(engine, name)

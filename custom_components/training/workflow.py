@@ -118,11 +118,23 @@ def preflight(
     return {"train": train, "val": val, "resume_path": resume_path}
 
 
-def val_records(prepared: Sequence[dict], max_volumes: int | None = None) -> list[dict]:
-    """Validation records reading the cached arrays (``NumpyReader``), at most ``max_volumes``."""
-    out = [{"id": e["id"], "image": os.path.join(e["cache"], "image.npy"), "label": os.path.join(e["cache"], "label.npy")}
-           for e in prepared]
-    return out[: max_volumes] if max_volumes else out
+def val_records(prepared: Sequence[dict], max_volumes: int | None = None, rank: int = 0,
+                world_size: int = 1) -> list[dict]:
+    """This rank's validation records (``NumpyReader`` on the cached arrays), from the first ``max_volumes``.
+
+    Rank r takes volumes r, r + world_size, ... with ``weight`` 1. A rank left without a volume (fewer
+    volumes than ranks) takes a copy of volume ``r % n`` with ``weight`` 0: it runs the evaluator like
+    every rank (the metric's all-gather needs each rank) and the score ignores it, so the mean equals the
+    single-process mean over the same volumes.
+    """
+    out = [{"id": e["id"], "image": os.path.join(e["cache"], "image.npy"), "label": os.path.join(e["cache"], "label.npy"),
+            "weight": 1.0} for e in prepared]
+    out = out[: max_volumes] if max_volumes else out
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size}).")
+    if world_size == 1 or not out:
+        return out
+    return out[rank::world_size] or [{**out[rank % len(out)], "weight": 0.0}]
 
 
 def distributed_prepare(entries, cache_dir, rank: int = 0, **kwargs) -> list[dict]:
