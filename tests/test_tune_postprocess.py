@@ -120,3 +120,28 @@ def test_tune_bad_stage_named(tmp_path):
     logits, labels = _dataset(tmp_path, 4)
     with pytest.raises(ValueError, match=r"unknown stage\(s\) \['erosion'\]"):
         tp.tune(logits, labels, tmp_path / "pp.json", stages=["erosion"])
+
+
+def test_save_logits_wired_as_the_bundle_configs_will(tmp_path):
+    # the entries the report asks inference.json / evaluate.json to carry, parsed by MONAI's ConfigParser
+    from monai.bundle import ConfigParser
+
+    cfg = ConfigParser({
+        "imports": ["$import os"],
+        "output_dir": str(tmp_path),
+        "save_logits": True,
+        "logit_dir": "$os.path.join(@output_dir, 'logits')",
+        "save": {"_target_": "custom_components.inference.tune_postprocess.SaveLogitsd", "keys": "pred",
+                 "output_dir": "@logit_dir", "enabled": "@save_logits"},
+        "post": {"_target_": "custom_components.inference.postprocess.postprocess_transform", "path": None,
+                 "keys": "pred", "threshold": 0.5, "min_size": 2, "dust_connectivity": 6},
+    })
+    cfg.parse()
+    p = torch.zeros(1, 4, 4, 4)
+    p[0, 1, 1, 1:3] = 0.9
+    d = cfg.get_parsed_content("save")({"pred": MetaTensor(p), "id": "case_1"})
+    assert np.allclose(tp.probability_of(tp.read_logits(tmp_path / "logits" / "case_1.npy")), p[0].numpy(), atol=1e-3)
+    out = cfg.get_parsed_content("post")(d)["pred"]
+    assert out.dtype == torch.uint8 and int(out.sum()) == 2
+    off = tp.SaveLogitsd("pred", output_dir=str(tmp_path / "none"), enabled=False)({"pred": p, "id": "x"})
+    assert off["pred"] is p and not (tmp_path / "none").exists()

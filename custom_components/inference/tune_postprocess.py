@@ -149,12 +149,15 @@ class SaveLogitsd(MapTransform):
     (``input_is="probability"``, converted by ``logit_of``: clipped to +-``clip``) or a network's logit
     (``input_is="logit"``). The id is ``data[id_key]`` (the records' ``id``), else the file stem of the
     key's ``MetaTensor`` ``filename_or_obj``, else that of ``data["image"]``. A (1, Z, Y, X) map is stored
-    as (Z, Y, X). 320^3 float16: 66 MB per volume.
+    as (Z, Y, X). 320^3 float16: 66 MB per volume. ``enabled=False`` (the bundle's ``save_logits: false``):
+    nothing is written.
     """
 
     def __init__(self, keys: KeysCollection = "pred", output_dir: str = "logits", input_is: str = "probability",
-                 clip: float = LOGIT_CLIP, id_key: Hashable = "id", allow_missing_keys: bool = False):
+                 clip: float = LOGIT_CLIP, id_key: Hashable = "id", enabled: bool = True,
+                 allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
+        self.enabled = bool(enabled)
         if input_is not in ("probability", "logit"):
             raise ValueError(f"SaveLogitsd: input_is must be 'probability' or 'logit', got {input_is!r}.")
         self.output_dir = os.fspath(output_dir)
@@ -175,6 +178,8 @@ class SaveLogitsd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        if not self.enabled:
+            return d
         for key in self.key_iterator(d):
             vol = _to_volume(d[key], f"SaveLogitsd: {key!r}")
             if self.input_is == "probability":
