@@ -1,11 +1,13 @@
-"""Synthetic scrolls: the Kaggle layout, determinism, and the properties that make them hard as real data is.
+"""Synthetic scrolls: the Kaggle layout, determinism, per-volume variety, and the properties that make them
+hard as real data is. The topology and thickness of label 1 are in tests/test_synthetic_properties.py.
 
 Expected values are computed here by hand (runs along lines, fractions, a hand-rolled Dice) or with a
 library the generator does not use (scipy.ndimage.label for 26-connected components where the
-generator uses cc3d; scikit-image for the Otsu threshold and the Euler number).
+generator uses cc3d; scikit-image for the Otsu threshold).
 """
 
 import hashlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +17,9 @@ import pytest
 import tifffile
 from scipy import ndimage
 from skimage.filters import threshold_otsu
-from skimage.measure import euler_number
 
-from custom_components.data.synthetic import BORDER, PROFILES, generate_volume, main, write_dataset
+from custom_components.data.synthetic import (BORDER, HELD_OUT_PROFILE, JITTER, LABEL_THICKNESS, PROFILES,
+                                              generate_volume, main, write_dataset)
 
 SHAPE = (64, 64, 64)
 SEEDS = (0, 1)
@@ -139,11 +141,13 @@ def test_at_least_three_sheets(volumes):
 def test_sheets_touch_so_bodies_form_fewer_components(volumes):
     full = np.ones((3, 3, 3), bool)  # 26-connectivity
     for key, (_, _, info) in volumes.items():
-        n_body = ndimage.label(info["body"], structure=full)[1]
-        n_sheet_pieces = ndimage.label(info["sheet_id"] > 0, structure=full)[1]
+        body_cc, n_body = ndimage.label(info["body"], structure=full)
         assert n_body == info["body_components"], key
-        assert n_body < info["n_sheets"] <= n_sheet_pieces, (key, n_body, info["n_sheets"], n_sheet_pieces)
+        assert n_body < info["n_sheets"], (key, n_body, info["n_sheets"])
         assert info["n_contacts"] >= 1 and info["contacts"][0]["voxels"] > 0, key
+        for c in info["contacts"]:  # a contact joins the bodies of the two sheets it names
+            a, b = (body_cc[info["sheet_id"] == s] for s in c["sheets"])
+            assert c["sheets"][0] != c["sheets"][1] and len(set(a) | set(b)) == 1, (key, c)
 
 
 def test_holes_cut_through_sheets(volumes):
@@ -151,11 +155,9 @@ def test_holes_cut_through_sheets(volumes):
         assert info["n_holes"] >= 1, key
         hole = info["holes"][0]  # the deliberate interior hole
         c, j = tuple(hole["centre"]), hole["sheet"]
-        assert info["sheet_id"][c] == 0 and label[c] != 1, key
-        # the sheet around it has a tunnel: Euler number of a disc with a hole is 0 (a disc's is 1)
-        half = int(np.ceil(1.75 * hole["size"] + 3))
-        crop = tuple(slice(max(0, x - half), x + half + 1) for x in c)
-        assert euler_number(info["sheet_id"][crop] == j, connectivity=3) <= 0, key
+        assert hole["kind"] == "hole" and info["sheet_id"][c] == 0 and label[c] != 1, key
+        assert all(BORDER < x < n - 1 - BORDER for x, n in zip(c, label.shape)), key
+        assert all(h["voxels"] > 0 and 1 <= h["sheet"] <= info["n_sheets"] for h in info["holes"]), key
     assert sum(info["n_tears"] for _, _, info in volumes.values()) > 0
 
 
@@ -165,7 +167,7 @@ def test_holes_cut_through_sheets(volumes):
 def test_label_fractions_and_border(volumes):
     for key, (_, label, _) in volumes.items():
         assert 0.20 <= (label == 2).mean() <= 0.80, key
-        assert 0.01 <= (label == 1).mean() <= 0.20, key
+        assert 0.01 <= (label == 1).mean() <= 0.25, key
         for axis in range(3):
             for idx in list(range(BORDER)) + [-1 - i for i in range(BORDER)]:
                 assert (np.take(label, idx, axis=axis) == 2).all(), (key, axis, idx)
@@ -174,19 +176,22 @@ def test_label_fractions_and_border(volumes):
         assert (inner == 2).mean() > 0.05, key
 
 
-def test_label1_is_a_thin_layer_on_the_recto_face(volumes):
+def test_label1_is_a_layer_on_the_recto_face(volumes):
     for key, (_, label, info) in volumes.items():
         l1, body = label == 1, info["body"]
         assert not (l1 & ~body).any(), key  # on papyrus only
-        assert l1.sum() < 0.35 * (body & (label != 2)).sum(), key  # a layer, not the whole body
+        # a layer, not the whole body: label / (label + verso) <= 3.75 / (3.75 + 1.5) = 0.71 per sheet
+        assert l1.sum() < 0.75 * (body & (label != 2)).sum(), key
         crossings = _sheet_crossings(info, label)
         assert len(crossings) > 200, key
         first = np.mean([r[0] == 1 for r in crossings])  # the face towards the scroll axis
         last = np.mean([r[-1] == 1 for r in crossings])  # the other face
+        one_run = np.mean([np.all(np.diff(np.flatnonzero(r == 1)) == 1) for r in crossings if r[0] == 1])
         depth = np.median([(r == 1).sum() for r in crossings])
-        assert first > 0.95 and last < 0.05, (key, first, last)
-        assert 1 <= depth <= 2, (key, depth)
-        assert np.median([len(r) for r in crossings]) >= 3, key  # sheets are thicker than the layer
+        assert first > 0.95 and last < 0.05 and one_run > 0.98, (key, first, last, one_run)
+        # 2.25-3.75 voxels along the normal; along the volume axis nearest to it, at most sqrt(2) more
+        assert 2 <= depth <= 5, (key, depth)
+        assert np.median([len(r) for r in crossings]) >= depth + 1, key  # sheets are thicker than the layer
 
 
 def test_profiles_differ(volumes):
@@ -202,12 +207,13 @@ def test_profiles_differ(volumes):
             noise.append(diff[pair].std() / np.sqrt(2))
         return np.median(thick), np.mean(noise)
 
+
     t_thick, n_thick = stats("35360")
     t_thin, n_thin = stats("26010")
     assert t_thick >= t_thin + 1, (t_thick, t_thin)
     assert n_thick > 1.5 * n_thin, (n_thick, n_thin)
     for p, n in (("35360", n_thick), ("26010", n_thin)):  # std = noise * (0.7 + 0.6 * air) in 0..255
-        expected = 255 * PROFILES[p]["noise"] * (0.7 + 0.6 * PROFILES[p]["air"])
+        expected = np.mean([255 * q["noise"] * (0.7 + 0.6 * q["air"]) for q in (volumes[(p, s)][2]["params"] for s in SEEDS)])
         assert 0.7 * expected < n < 1.4 * expected, (p, n, expected)
     for a in PROFILES:
         for b in PROFILES:
@@ -215,12 +221,43 @@ def test_profiles_differ(volumes):
 
 
 def test_otsu_threshold_does_not_solve_it(volumes):
+    """The threshold segments the bodies (recto, verso, bridges, debris): a perfect body mask would have a
+    precision of at most t_label / (t_label + verso) <= 3.75 / 5.25 = 0.71 against label 1."""
+    dices = []
     for key, (image, label, _) in volumes.items():
         labelled = label != 2
         pred = (image > threshold_otsu(image)) & labelled
         truth = (label == 1) & labelled
-        dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
-        assert dice < 0.5, (key, dice)
+        precision = (pred & truth).sum() / pred.sum()
+        dices.append(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
+        assert precision < 0.65 and dices[-1] < 0.75, (key, precision, dices[-1])
+    assert np.mean(dices) < 0.65, dices
+
+
+def test_each_volume_draws_its_own_scanner_and_scroll():
+    """Per-volume factors within JITTER around the profile, the label thickness within LABEL_THICKNESS, and
+    eight volumes of one profile that differ from each other (and in measured noise as their noise says)."""
+    prof, draws = PROFILES["34117"], []
+    for seed in range(8):
+        image, _, info = generate_volume((32, 32, 32), seed, "34117")
+        q = info["params"]
+        for key, (lo, hi) in JITTER.items():
+            base = prof[key][0] if isinstance(prof[key], tuple) else prof[key]
+            got = q[key][0] if isinstance(q[key], list) else q[key]
+            floor = {"verso": 1.5, "gap": 2.5}.get(key, 0.0)
+            assert max(floor, 0.999 * lo * base) <= got <= max(floor, 1.001 * hi * base), (seed, key, got)
+        assert LABEL_THICKNESS[0] <= q["label_thickness"] <= LABEL_THICKNESS[2], q
+        assert info["label_thickness"] == round(q["label_thickness"], 3)
+        draws.append((q["noise"], q["contrast"], q["blur"], q["label_thickness"]))
+    for col in zip(*draws):
+        assert len(set(col)) == 8 and max(col) > 1.2 * min(col), col
+
+
+def test_held_out_profile_is_the_quality_studys():
+    text = (ROOT / "bench" / "quality.py").read_text()
+    assert HELD_OUT_PROFILE in PROFILES
+    assert re.search(r'"--test_profile", default="(\d+)"', text).group(1) == HELD_OUT_PROFILE
+    assert re.search(r'"--train_profile", default="(\d+)"', text).group(1) != HELD_OUT_PROFILE
 
 
 # ------------------------------------------------------------------------------------ arguments, CLI
