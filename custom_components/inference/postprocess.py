@@ -668,14 +668,14 @@ class TunnelRepair(_VolumeTransform):
             return mask
         import cc3d
 
+        from custom_components.metrics.betti_matching import finite_pair_counts
+
         out = mask.copy()
         labels = cc3d.connected_components(np.ascontiguousarray(mask), connectivity=26)
         for cube in self._cubes(out.shape):
             sub = out[cube]
             if not sub.any() or sub.all():
                 continue
-            from custom_components.metrics.betti_matching import finite_pair_counts
-
             if finite_pair_counts(sub)[1] > 0:
                 self._repair(out, labels, cube)
         return out
