@@ -109,7 +109,7 @@ PROFILES: dict[str, dict] = {
 # per-volume factor range of each scanner / scroll property (log-uniform), applied around the profile
 JITTER: dict[str, tuple[float, float]] = {
     "contrast": (0.7, 1.35), "air": (0.75, 1.3), "noise": (0.6, 1.6), "blur": (0.7, 1.45), "drift": (0.5, 1.6),
-    "fibre": (0.5, 1.6), "verso": (0.75, 1.4), "gap": (0.8, 1.35), "holes": (0.5, 2.0), "tears": (0.5, 2.0),
+    "fibre": (0.5, 1.6), "verso": (0.75, 1.4), "gap": (0.75, 1.6), "holes": (0.5, 2.0), "tears": (0.5, 2.0),
     "contacts": (0.6, 1.8), "debris": (0.5, 2.0),
 }
 
