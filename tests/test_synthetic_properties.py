@@ -22,9 +22,11 @@ FULL = np.ones((3, 3, 3), bool)
 
 @pytest.fixture(scope="module")
 def volumes():
-    """{(profile, seed, edge): (image, label, info)}: every profile at 64^3 (seeds 0, 1), one 96^3 volume."""
+    """{(profile, seed, edge): (image, label, info)}: every profile at 64^3 (seeds 0, 1), one 96^3 volume and
+    one 64^3 volume with a sheet left unannotated (26002 seed 6: its sheet 5 leaves the volume around a loop)."""
     out = {(p, s, 64): generate_volume((64, 64, 64), s, p) for p in PROFILES for s in (0, 1)}
     out[("53997", 2, 96)] = generate_volume((96, 96, 96), 2, "53997")
+    out[("26002", 6, 64)] = generate_volume((64, 64, 64), 6, "26002")
     return out
 
 
@@ -36,11 +38,11 @@ def _sheet_label(info, j):
 
 
 def test_each_sheet_is_one_component_with_the_recorded_tunnels_and_no_cavity(volumes):
-    total_tunnels, unannotated = 0, 0
+    unannotated = 0
     for key, (_, label, info) in volumes.items():
         for j, reason in info["unannotated_sheets"].items():
             # a sheet that leaves the volume around a loop of itself (a tunnel no cut made): no label 1, and
-            # all of its papyrus under label 2; the 96^3 volume has one
+            # all of its papyrus under label 2
             assert reason == "opening" and not _sheet_label(info, j).any(), (key, j, reason)
             assert (label[info["sheet_id"] == j] == 2).all(), (key, j)
             unannotated += 1
@@ -48,12 +50,12 @@ def test_each_sheet_is_one_component_with_the_recorded_tunnels_and_no_cavity(vol
             tunnels = sum(h["sheet"] == j for h in info["holes"])  # holes and tears of the record
             p0, p1, p2 = finite_pair_counts(_sheet_label(info, j))
             assert (p0 + 1, p1, p2) == (1, tunnels, 0), (key, j, (p0 + 1, p1, p2), tunnels)
-            total_tunnels += tunnels
         # the properties hold before label 2 is painted; label 2 then only covers label 1
         assert np.array_equal(label == 1, info["label1"] & (label != 2)), key
         assert not (info["label1"] & (info["sheet_id"] == 0)).any(), key
-    assert total_tunnels >= 2 * len(volumes)  # not vacuous: holes and tears are there
-    assert unannotated <= 1 and sum(info["n_sheets"] for _, _, info in volumes.values()) >= 80
+        assert info["n_holes"] >= 1, key  # not vacuous: every volume has a hole ...
+    assert sum(info["n_tears"] for _, _, info in volumes.values()) >= 3  # ... and some have tears
+    assert unannotated == 1 and sum(info["n_sheets"] for _, _, info in volumes.values()) >= 80
 
 
 def test_labels_of_two_sheets_never_share_a_face_and_contacts_keep_both(volumes):
@@ -69,10 +71,11 @@ def test_labels_of_two_sheets_never_share_a_face_and_contacts_keep_both(volumes)
     assert sum(len(info["contacts"]) for _, _, info in volumes.values()) >= len(volumes)
 
 
-def _thickness_along_normal(info, rng, n=40, radius=4.0, half=7):
+def _thickness_along_normal(info, rng, n=40, radius=6.0, half=7):
     """Label thickness at up to ``n`` random label voxels away from faces and cuts: the normal is the least
     principal axis of the sheet's label voxels within 5 voxels; the thickness the number of that sheet's
-    label voxels in the cylinder of ``radius`` around the normal line (|s| <= ``half``) over pi radius^2."""
+    label voxels in the cylinder of ``radius`` around the normal line (|s| <= ``half``) over pi radius^2
+    (lattice-point count: about +-0.3 voxel for one cylinder of radius 6)."""
     l1, sid = info["label1"], info["sheet_id"]
     pts = np.argwhere(l1)
     m = radius + half + 1
@@ -94,15 +97,16 @@ def _thickness_along_normal(info, rng, n=40, radius=4.0, half=7):
 
 
 def test_label_is_2_to_4_voxels_thick_along_the_local_normal(volumes):
+    """The drawn thickness is within [2.25, 3.75]; every measured cylinder within 0.35 of it (so within 2-4
+    up to the count's noise), their median within 0.15."""
     rng = np.random.default_rng(0)
     drawn = set()
     for key, (_, _, info) in volumes.items():
-        t = _thickness_along_normal(info, rng)
-        assert len(t) >= 20, key
-        assert 2.0 <= t.min() and t.max() <= 4.0, (key, t.min(), t.max())
-        assert abs(np.median(t) - info["label_thickness"]) < 0.25, (key, np.median(t), info["label_thickness"])
-        assert LABEL_THICKNESS[0] <= info["label_thickness"] <= LABEL_THICKNESS[2], key
-        drawn.add(info["label_thickness"])
+        t, drawn_t = _thickness_along_normal(info, rng), info["label_thickness"]
+        assert len(t) >= 15, key
+        assert LABEL_THICKNESS[0] <= drawn_t <= LABEL_THICKNESS[2], key
+        assert np.abs(t - drawn_t).max() <= 0.35 and abs(np.median(t) - drawn_t) <= 0.15, (key, t.min(), t.max(), drawn_t)
+        drawn.add(drawn_t)
     assert len(drawn) >= 2  # drawn per volume
 
 
