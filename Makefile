@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test venv clean bench gpu-rehearsal device-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,3 +29,19 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)
+
+# The GPU check the offline way, on this CPU machine: a fresh venv with torch and the scientific stack a GPU
+# image ships (nothing of ours), our packages from wheels with --target, then the check's CPU path to the end.
+# (No CPU torch exists for Python 3.12 on the registry: the rehearsal uses 3.11 and the wheels for 3.11;
+# `make device-wheels` fetches the 3.12 ones the GPU machine takes.)
+REHEARSAL_IMAGE := numpy scipy scikit-image tifffile tqdm psutil pandas absl-py packaging tensorboard
+gpu-rehearsal:
+	rm -rf .venv-rehearsal /tmp/vesuvius_site_rehearsal
+	$(PY) -m venv .venv-rehearsal
+	.venv-rehearsal/bin/python -m pip install --quiet torch==2.13.0 $(REHEARSAL_IMAGE)
+	bash bench/device_wheels.sh --python 3.11 --dest .whl-rehearsal
+	PY=.venv-rehearsal/bin/python WHEELS=.whl-rehearsal SITE=/tmp/vesuvius_site_rehearsal \
+		bash bench/gpu_check.sh --device --out gpu_rehearsal_out
+
+device-wheels:
+	bash bench/device_wheels.sh --python 3.12 --dest .whl

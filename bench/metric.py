@@ -23,6 +23,9 @@ shared machine the measured wall times depend on it. The last line is ``speedup:
 total / fast total (wall) on the last volume (the 320^3 sheets by default), the line before it the projection.
 
     .venv/bin/python bench/metric.py [--sheet_sizes 128 320] [--synthetic_sizes 128] [--workers 2] [--quick]
+
+``--fast_only 1 8`` skips the reference and times the fast path with each number of worker processes (the
+GPU check's form: where the machine has the cores); its last line is ``workers_speedup: N`` (fewest over most workers).
 """
 
 from __future__ import annotations
@@ -99,16 +102,38 @@ def projected_fast(seconds: dict, workers: int) -> float:
     return max(cpu["main"], max(lanes), (cpu["main"] + sum(cpu["topo_tiles"])) / max(1, workers))
 
 
+def fast_only(cases, workers: list[int]) -> int:
+    """Wall and CPU seconds of the fast path per volume and number of workers; identical values across them."""
+    print(f"metric, fast path only; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    print(f"{'volume':<16} {'workers':>7} {'wall_s':>8} {'cpu_s':>8} {'topo_s':>8} {'score':>9}")
+    ok, wall = True, {}
+    for kind, n, make in cases:
+        pred, label = make(n)
+        values = None
+        for w in workers:
+            r, wall[w], c = _run(leaderboard_score, pred, label, workers=w)
+            print(f"{f'{kind} {n}^3':<16} {w:7d} {wall[w]:8.2f} {c:8.2f} {r['seconds']['topo']:8.2f} {r['score']:9.6f}")
+            ok &= values is None or values_of(r) == values
+            values = values_of(r)
+    print(f"identical values across worker counts: {ok}")
+    print(f"workers_speedup: {wall[min(workers)] / wall[max(workers)]:.2f} ({min(workers)} over {max(workers)} workers, last volume)")
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sheet_sizes", type=int, nargs="*", default=[128, 320])
     ap.add_argument("--synthetic_sizes", type=int, nargs="*", default=[128])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="96^3 synthetic and 128^3 sheets only")
+    ap.add_argument("--fast_only", type=int, nargs="*", default=None, metavar="WORKERS",
+                    help="no reference: the fast path with each of these numbers of worker processes")
     args = ap.parse_args(argv)
     if args.quick:
         args.synthetic_sizes, args.sheet_sizes = [96], [128]
     cases = [("synthetic", n, synthetic_pair) for n in args.synthetic_sizes] + [("sheets", n, sheet_pair) for n in args.sheet_sizes]
+    if args.fast_only:
+        return fast_only(cases, args.fast_only)
     w = args.workers
     print(f"metric benchmark: reference (1 process) vs fast (workers={w}); {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at start")

@@ -53,7 +53,7 @@ class MaskedBCEWithLogitsLoss(_Loss):
     def batch_pos_weight(self, fg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The positive weight for this batch (a 0-dim float32 tensor on the input's device)."""
         if self.pos_weight != "auto":
-            return torch.tensor(self.pos_weight, dtype=torch.float32, device=fg.device)
+            return torch.full((), self.pos_weight, dtype=torch.float32, device=fg.device)  # a fill, not a host copy
         n_pos = fg.sum()
         n_neg = valid.sum() - n_pos
         w = torch.where(n_pos > 0, n_neg / n_pos.clamp_min(1.0), torch.ones_like(n_pos))
