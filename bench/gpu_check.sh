@@ -76,10 +76,10 @@ part env 30 "machine" bash -c "nvidia-smi --query-gpu=name,memory.total,driver_v
     \"$PY\" -c 'import custom_components.metrics.betti_matching as b; print(\"betti_matching:\", b.find_extension().rsplit(\"/\", 1)[-1])'"
 "$PY" -c "import sys; sys.path.insert(0, 'bench'); from gpu_trainer import make_data; make_data('$DATA', $PATCH + 64)" \
     > "$OUT/data.log" 2>&1 || { echo "ERROR: synthetic data failed:"; tail -n 20 "$OUT/data.log"; }
-part trainer 150 "train.json trainer vs bare network" "$PY" bench/gpu_trainer.py --patch $PATCH --batch 2 --steps $STEPS --data "$DATA"
-part nnunet 150 "ours vs nnU-Net, DynUNet vs ResEnc M" "$PY" bench/gpu_vs_nnunet.py --patch $PATCH --batch 2 --steps $NSTEPS --data "$DATA"
+part trainer 100 "train.json trainer vs bare network" "$PY" bench/gpu_trainer.py --patch $PATCH --batch 2 --steps $STEPS --data "$DATA"
+part nnunet 160 "ours vs nnU-Net, DynUNet vs ResEnc M" "$PY" bench/gpu_vs_nnunet.py --patch $PATCH --batch 2 --steps $NSTEPS --data "$DATA"
 part parts 70 "step parts with a sync around each (bench/train_step.py)" "$PY" bench/train_step.py --patch $PATCH --batch 2 --steps 5
 part metric 110 "competition metric, sheets pair, 1 and 8 workers" "$PY" bench/metric.py --sheet_sizes $SHEET --synthetic_sizes --fast_only 8 1
-part autotune 90 "autotune at the default patch" "$PY" -m custom_components.training.autotune --config_file bundle/configs/train.json \
-    --dataset_dir "$DATA" --output_dir "$WORK/tune_run" --max_minutes 1.2 --out "$OUT/tune.json" "${SMALL[@]}"
+part autotune 150 "autotune at the default patch" "$PY" -m custom_components.training.autotune --config_file bundle/configs/train.json \
+    --dataset_dir "$DATA" --output_dir "$WORK/tune_run" --max_minutes "${TUNE_MINUTES:-2.2}" --out "$WORK/tune.json" "${SMALL[@]}"
 echo "report: $REPORT"

@@ -10,9 +10,12 @@ residual-encoder U-Net (ResEnc M) step time and memory.
    noise, blur, brightness, contrast, low resolution, gamma, mirroring, DS downsampling) in
    ``--nnunet_workers`` processes (nnU-Net's default 12), each sample read as ``patch + 2 * 16`` from the
    volume as ours is.
-2. Ours: train.json's trainer (``bench/gpu_trainer.py``'s run) on the same volumes.
-3. Bare forward + backward, bf16, of train.json's DynUNet and of ResEnc M (blocks per stage 1, 3, 4, 6, 6, 6;
-   nnU-Net's ``nnUNetResEncUNetMPlans`` preset) at the same patch and batch: seconds and peak memory.
+2. Ours: train.json's trainer (``bench/gpu_trainer.py``'s run) on the same volumes, and the same with
+   the loss cut to BCE + Dice (what the topology-aware terms cost).
+3. Bare forward + backward, bf16, at the same patch and batch, seconds and peak memory, with cudnn's
+   deterministic algorithms and with its autotuner (``cudnn.benchmark``): train.json's DynUNet (deep
+   supervision 2, and none), nnU-Net's PlainConvUNet and ResEnc M (blocks per stage 1, 3, 4, 6, 6, 6;
+   nnU-Net's ``nnUNetResEncUNetMPlans`` preset).
 
 Prints a table and one JSON line (``--out`` writes it too). Without CUDA it runs tiny versions on the CPU.
 
@@ -139,7 +142,9 @@ def resenc_m(features, n_classes: int = 1):
 
 
 def nnunet_samples_per_s(volumes, patch, batch, steps, workers, features, device) -> dict:
-    """nnU-Net's network, loss, precision, optimiser and CPU augmentation: samples/s after 5 warm-up steps."""
+    """nnU-Net's network, loss, precision, optimiser and CPU augmentation: samples/s after 5 warm-up steps
+    (cudnn benchmark on, as nnU-Net sets it)."""
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
     net = plain_conv_unet(patch, features).to(device)
     n_heads = len(features) - 1
     ds_scales = [[1.0 / 2**i] * 3 for i in range(n_heads)]
@@ -207,30 +212,43 @@ def main(argv=None):
         volumes = [(read_volume(os.path.join(data, "train_images", f"{i}.tif")), read_volume(os.path.join(data, "train_labels", f"{i}.tif")))
                    for i in ids]
         extra = {} if cuda else {"filters": features}
+        keys = ("samples_per_s", "step_s", "data_wait_pct", "gpu_util_pct")
         ours = run_trainer(data, os.path.join(tmp, "ours"), a.patch, a.batch, a.steps + 5, None, 6, extra)
-        res["ours"] = {k: ours[k] for k in ("samples_per_s", "step_s", "data_wait_pct", "gpu_util_pct")}
+        res["ours"] = {k: ours[k] for k in keys}
+        plain = run_trainer(data, os.path.join(tmp, "ours_bce_dice"), a.patch, a.batch, a.steps + 5, None, 6,
+                            {**extra, "loss_weights": {"bce": 1.0, "dice": 1.0}})
+        res["ours_bce_dice"] = {k: plain[k] for k in keys}
         res["nnunet"] = nnunet_samples_per_s(volumes, a.patch, a.batch, a.steps, a.nnunet_workers, features, device)
         res["ours_over_nnunet"] = res["ours"]["samples_per_s"] / res["nnunet"]["samples_per_s"]
     if "resenc" in parts:
         from custom_components.training.network import build_dynunet
 
-        dyn = build_dynunet(patch_size=[a.patch] * 3, filters=features, deep_supervision=True, deep_supr_num=2).to(device)
-        res["dynunet_bare"] = bare_and_memory(dyn, a.batch, a.patch, device)
-        del dyn
-        res["resenc_m_bare"] = bare_and_memory(resenc_m(features).to(device), a.batch, a.patch, device)
+        nets = {
+            "DynUNet, DS 2 (train.json)": lambda: build_dynunet(patch_size=[a.patch] * 3, filters=features,
+                                                                deep_supervision=True, deep_supr_num=2),
+            "DynUNet, no DS": lambda: build_dynunet(patch_size=[a.patch] * 3, filters=features, deep_supervision=False),
+            "nnU-Net PlainConvUNet, DS": lambda: plain_conv_unet(a.patch, features),
+            "nnU-Net ResEnc M, DS": lambda: resenc_m(features),
+        }
+        res["networks"] = {}
+        for benchmark in (False, True):  # cudnn deterministic algorithms (MONAI's set_determinism) vs autotuned
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, not benchmark
+            for name, make in nets.items():
+                res["networks"][f"{name}, cudnn {'benchmark' if benchmark else 'deterministic'}"] = \
+                    bare_and_memory(make().to(device), a.batch, a.patch, device)
     print(f"{res['device']}, patch {a.patch}^3, batch {a.batch}")
     if "ours" in res:
         print(f"{'pipeline':<58} {'samples/s':>10} {'s/step':>8}")
         print(f"{'ours: train.json trainer (device augmentation, bf16)':<58} {res['ours']['samples_per_s']:10.2f} {res['ours']['step_s']:8.3f}")
+        print(f"{'ours, loss BCE + Dice only':<58} {res['ours_bce_dice']['samples_per_s']:10.2f} {res['ours_bce_dice']['step_s']:8.3f}")
         name = f"nnU-Net: PlainConvUNet, DC+CE, fp16, bgv2 CPU aug x{a.nnunet_workers}"
         print(f"{name:<58} {res['nnunet']['samples_per_s']:10.2f} {res['nnunet']['step_s']:8.3f}")
         print(f"ours / nnU-Net samples/s: {res['ours_over_nnunet']:.2f}")
-    if "dynunet_bare" in res:
-        print(f"{'network (bare fwd+bwd)':<28} {'s/step':>8} {'peak GB':>8} {'params M':>9}")
-        for k in ("dynunet_bare", "resenc_m_bare"):
-            r = res[k]
+    if "networks" in res:
+        print(f"{'network, bare fwd+bwd bf16':<52} {'s/step':>8} {'peak GB':>8} {'params M':>9}")
+        for name, r in res["networks"].items():
             mem = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
-            print(f"{k:<28} {r['step_s']:8.3f} {mem:>8} {r['params_m']:9.1f}")
+            print(f"{name:<52} {r['step_s']:8.3f} {mem:>8} {r['params_m']:9.1f}")
     line = json.dumps(res)
     print(line)
     if a.out:

@@ -795,11 +795,15 @@ def _tune_cuda(tuner: _Tuner, args, trials: list, notes: list) -> tuple[int, dic
                                 what=f"at patch_size {tuner.cfg['patch_size']} on {tuner.device} "
                                      f"({total / 2**30:.0f} GB, amp={tuner.cfg['amp']})")
     peak = next((t["peak_gpu_bytes"] for t in trials if t["kind"] == "batch" and t["batch_size"] == best), None)
-    mem = {"total_bytes": total, "budget_bytes": budget, "peak_at_best_bytes": peak,
+    failed_above = any(t["kind"] == "batch" and t["batch_size"] > best and not t.get("fits") for t in trials)
+    cut = "" if failed_above or best >= args.max_batch else "; the search ran out of --max_minutes before a batch failed: larger ones were not tried"
+    mem = {"total_bytes": total, "budget_bytes": budget, "peak_at_best_bytes": peak, "search_cut_by_time": bool(cut),
            "summary": (f"batch {best} peaks at {_fmt_gb(peak)} of {total / 2**30:.1f} GB (limit {100 * args.memory_fraction:.0f} %)"
-                       + ("; the search stopped at --max_batch" if best >= args.max_batch else ""))}
-    if best < tuner.cfg["batch_size"]:
+                       + ("; the search stopped at --max_batch" if best >= args.max_batch else cut))}
+    if best < tuner.cfg["batch_size"] and failed_above:
         notes.append(f"the configured batch_size {tuner.cfg['batch_size']} does not fit with the safety margin here")
+    elif cut:
+        notes.append(f"the largest batch is not known: only up to {best} was tried in the time given (raise --max_minutes)")
     steps = _steps_for(tuner, args.steps, cap=20)
     validate: list = []
     loader = _loader_search(tuner, best, steps, trials, {}, validate)
