@@ -61,6 +61,36 @@ def test_evaluate_json_scores_with_and_without_postprocessing(trained, tmp_path)
     assert len(os.listdir(out / "raw")) == len(os.listdir(out / "postprocessed")) == 1
 
 
+def test_postprocess_file_is_applied_exactly_and_logits_are_kept(trained, tmp_path):
+    """--postprocess FILE: the file's pipeline and nothing else (a threshold of 1.1 leaves every mask empty
+    whatever the other settings say); the run folder ends with the postprocess.json it applied; with
+    --save_logits true the float16 logits sit beside the masks, their sigmoid the probabilities."""
+    from custom_components.inference.postprocess import load_postprocess
+
+    root, data, ckpt = trained
+    pipeline = tmp_path / "postprocess.json"
+    pipeline.write_text(json.dumps({"steps": [{"name": "binarize", "threshold": 1.1}]}))
+    out = tmp_path / "pred"
+    _infer(INFER_JSON, input_dir=os.path.join(data, "test_images"), output_dir=str(out), ckpt_path=ckpt,
+           device="cpu", amp=False, postprocess=str(pipeline), save_logits=True, threshold=0.0, **NET)
+    masks = [tifffile.imread(out / n) for n in os.listdir(out) if n.endswith(".tif")]
+    assert masks and all(m.max() == 0 for m in masks)
+    written = json.loads((out / "postprocess.json").read_text())
+    assert [s["name"] for s in written["steps"]] == ["binarize"] and written["steps"][0]["threshold"] == 1.1
+    assert load_postprocess(str(out / "postprocess.json")) is not None  # loads back
+    logits = [np.load(out / "logits" / n) for n in os.listdir(out / "logits")]
+    assert logits and all(x.dtype == np.float16 and x.shape == masks[0].shape for x in logits)
+
+
+def test_postprocess_file_naming_an_unknown_step_fails_at_load(trained, tmp_path):
+    root, data, ckpt = trained
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"steps": [{"name": "binarize", "threshold": 0.5}, {"name": "sharpen"}]}))
+    with pytest.raises(Exception, match="sharpen"):
+        _infer(INFER_JSON, input_dir=os.path.join(data, "test_images"), output_dir=str(tmp_path / "p"), ckpt_path=ckpt,
+               device="cpu", amp=False, postprocess=str(bad), **NET)
+
+
 def test_ensemble_and_tta_average_probabilities():
     torch.manual_seed(0)
     a, b = torch.nn.Conv3d(1, 1, 3, padding=1), torch.nn.Conv3d(1, 1, 3, padding=1)
