@@ -86,9 +86,15 @@ def test_postprocess_file_naming_an_unknown_step_fails_at_load(trained, tmp_path
     root, data, ckpt = trained
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"steps": [{"name": "binarize", "threshold": 0.5}, {"name": "sharpen"}]}))
-    with pytest.raises(Exception, match="sharpen"):
+    with pytest.raises(Exception) as info:
         _infer(INFER_JSON, input_dir=os.path.join(data, "test_images"), output_dir=str(tmp_path / "p"), ckpt_path=ckpt,
                device="cpu", amp=False, postprocess=str(bad), **NET)
+    chain, e = [], info.value
+    while e is not None:  # MONAI wraps the loader's error; the cause names the step and the file
+        chain.append(str(e))
+        e = e.__cause__
+    assert any("sharpen" in m and "bad.json" in m for m in chain), chain
+    assert not (tmp_path / "p").exists() or not any(n.endswith(".tif") for n in os.listdir(tmp_path / "p"))
 
 
 def test_ensemble_and_tta_average_probabilities():
