@@ -21,8 +21,8 @@ python -m monai.bundle run training --config_file "$CONFIGS" \
     --dataset_dir "$OUT/data" --output_dir "$OUT/run" --overwrite true
 echo "== 5/7 inference on the held-out volumes -> $OUT/predictions (+ submission.zip)"
 python -m monai.bundle run --config_file "['bundle/configs/inference.json','bundle/configs/demo_inference.json']" \
-    --input_dir "$OUT/data/test_images" --output_dir "$OUT/predictions" \
-    --ckpt_path "$OUT/run/checkpoints/best.pt"
+    --dataset_dir "$OUT/data" --output_dir "$OUT/predictions" \
+    --ckpt_path "$OUT/run/models/model.pt"
 echo "== 6/7 competition score of the held-out volumes"
 python -m custom_components.metrics.evaluate --pred_dir "$OUT/predictions" --label_dir "$OUT/data/test_labels" \
     --out "$OUT/scores.csv" --workers 2

@@ -13,7 +13,7 @@ from monai.bundle import ConfigParser, verify_net_in_out
 from monai.bundle.scripts import _get_fake_spatial_shape
 
 from custom_components.training.network import check_patch_size, plan_dynunet
-from training_utils import INFER_JSON, META_JSON, PYTHON, REPO, TINY_NET, cli_args, save_checkpoint_as_training, tiny_network
+from training_utils import INFER_JSON, META_JSON, PYTHON, REPO, save_checkpoint_as_training, tiny_network
 
 #: the ``--converter_kwargs`` of the README's ONNX command: input / output named as in metadata.json,
 #: a free batch axis (the sliding window's last batch of windows can be smaller than sw_batch_size).
@@ -36,7 +36,8 @@ def test_onnx_export_runs_in_onnxruntime_like_torch(tiny_checkpoint, tmp_path):
     path = tmp_path / "model.onnx"
     cmd = [PYTHON, "-m", "monai.bundle", "onnx_export", "network_def", "--filepath", str(path), "--ckpt_file", ckpt,
            "--key_in_ckpt", "network", "--meta_file", META_JSON, "--config_file", INFER_JSON,
-           "--input_shape", "[1, 1, 16, 16, 16]", "--converter_kwargs", ONNX_CONVERTER_KWARGS, *cli_args(TINY_NET)]
+           "--input_shape", "[1, 1, 16, 16, 16]", "--converter_kwargs", ONNX_CONVERTER_KWARGS, "--ckpt_path", ckpt]
+    # no network setting repeated: the checkpoint carries patch_size, filters and deep_supr_num
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
@@ -76,11 +77,11 @@ def test_metadata_spatial_shape_fits_every_plan():
             assert all(s // t >= 2 for s, t in zip(shape, total)), (patch, shape)
 
 
-def _verify(**over):
-    verify_net_in_out(net_id="network_def", meta_file=META_JSON, config_file=INFER_JSON, device="cpu", **TINY_NET, **over)
+def test_verify_net_in_out_passes_and_catches_wrong_metadata(tiny_checkpoint):
+    def _verify(**over):
+        verify_net_in_out(net_id="network_def", meta_file=META_JSON, config_file=INFER_JSON, device="cpu",
+                          ckpt_path=tiny_checkpoint[1], **over)
 
-
-def test_verify_net_in_out_passes_and_catches_wrong_metadata():
     _verify()
     _verify(n=2)
     with pytest.raises(ValueError, match="output channel number `1` doesn't match: `2`"):

@@ -13,7 +13,7 @@ from monai.bundle import ConfigWorkflow
 
 from custom_components.inference.sliding_window import ProbabilityEnsemble, RobustSlidingWindowInferer, parse_ckpt_paths
 from custom_components.training.network import build_dynunet
-from training_utils import INFER_JSON, PYTHON, REPO, TINY_NET as NET, TRAIN_JSON, make_data, tiny_overrides
+from training_utils import INFER_JSON, PYTHON, REPO, TRAIN_JSON, make_data, tiny_overrides
 
 EVAL_JSON = os.path.join(REPO, "bundle", "configs", "evaluate.json")
 
@@ -39,8 +39,8 @@ def _infer(config, **over):
 def test_inference_writes_one_tif_per_input_and_zip(trained, tmp_path):
     root, data, ckpt = trained
     out = tmp_path / "pred"
-    _infer(INFER_JSON, input_dir=os.path.join(data, "test_images"), output_dir=str(out), ckpt_path=ckpt,
-           device="cpu", amp=False, sw_batch_size=4, overlap=0.25, **NET)
+    _infer(INFER_JSON, dataset_dir=data, output_dir=str(out), ckpt_path=ckpt,
+           device="cpu", amp=False, sw_batch_size=4, overlap=0.25)  # no network setting: the checkpoint has them
     inputs = sorted(os.listdir(os.path.join(data, "test_images")))
     assert sorted(p for p in os.listdir(out) if p.endswith(".tif")) == inputs
     for name in inputs:
@@ -55,7 +55,7 @@ def test_evaluate_json_scores_with_and_without_postprocessing(trained, tmp_path)
     root, data, ckpt = trained
     out = tmp_path / "eval"
     _infer([INFER_JSON, EVAL_JSON], input_dir=os.path.join(data, "test_images"), label_dir=os.path.join(data, "test_labels"),
-           output_dir=str(out), ckpt_path=ckpt, device="cpu", amp=False, metric_workers=1, **NET)
+           output_dir=str(out), ckpt_path=ckpt, device="cpu", amp=False, metric_workers=1)
     text = (out / "scores.csv").read_text()
     assert "raw" in text and "post" in text
     assert len(os.listdir(out / "raw")) == len(os.listdir(out / "postprocessed")) == 1
@@ -72,7 +72,7 @@ def test_postprocess_file_is_applied_exactly_and_logits_are_kept(trained, tmp_pa
     pipeline.write_text(json.dumps({"steps": [{"name": "binarize", "threshold": 1.1}]}))
     out = tmp_path / "pred"
     _infer(INFER_JSON, input_dir=os.path.join(data, "test_images"), output_dir=str(out), ckpt_path=ckpt,
-           device="cpu", amp=False, postprocess=str(pipeline), save_logits=True, threshold=0.0, **NET)
+           device="cpu", amp=False, postprocess=str(pipeline), save_logits=True, threshold=0.0)
     masks = [tifffile.imread(out / n) for n in os.listdir(out) if n.endswith(".tif")]
     assert masks and all(m.max() == 0 for m in masks)
     written = json.loads((out / "postprocess.json").read_text())
@@ -88,13 +88,50 @@ def test_postprocess_file_naming_an_unknown_step_fails_at_load(trained, tmp_path
     bad.write_text(json.dumps({"steps": [{"name": "binarize", "threshold": 0.5}, {"name": "sharpen"}]}))
     with pytest.raises(Exception) as info:
         _infer(INFER_JSON, input_dir=os.path.join(data, "test_images"), output_dir=str(tmp_path / "p"), ckpt_path=ckpt,
-               device="cpu", amp=False, postprocess=str(bad), **NET)
+               device="cpu", amp=False, postprocess=str(bad))
     chain, e = [], info.value
     while e is not None:  # MONAI wraps the loader's error; the cause names the step and the file
         chain.append(str(e))
         e = e.__cause__
     assert any("sharpen" in m and "bad.json" in m for m in chain), chain
     assert not (tmp_path / "p").exists() or not any(n.endswith(".tif") for n in os.listdir(tmp_path / "p"))
+
+
+def test_model_pt_holds_the_weights_of_best_and_builds_from_its_own_spec(trained):
+    from custom_components.training.network import build_network
+
+    root, data, ckpt = trained
+    models = root / "run" / "models"
+    assert sorted(os.listdir(models)) == ["model.pt", "network.json"]  # no temporary file left behind
+    model = torch.load(models / "model.pt", weights_only=True)
+    spec = model["meta"]["network"]
+    assert spec == {"kind": "dynunet", "patch_size": [16, 16, 16], "filters": [4, 8, 16], "deep_supervision": True,
+                    "deep_supr_num": 1, "max_levels": 6}
+    assert json.loads((models / "network.json").read_text()) == {"network_spec": spec}
+    source = "best.pt" if (root / "run" / "checkpoints" / "best.pt").exists() else "last.pt"
+    assert model["meta"]["source"] == source and set(model) == {"network", "meta"}  # weights alone, no optimiser
+    best = torch.load(root / "run" / "checkpoints" / source, weights_only=True)["network"]
+    net = build_network(**spec)
+    net.load_state_dict(model["network"])
+    assert all(torch.equal(net.state_dict()[k], best[k]) for k in best)
+
+
+def test_a_setting_that_contradicts_the_checkpoint_fails_before_any_volume(trained, tmp_path):
+    root, data, ckpt = trained
+    out = tmp_path / "pred"
+    with pytest.raises(Exception) as info:
+        _infer(INFER_JSON, dataset_dir=data, output_dir=str(out), ckpt_path=ckpt, device="cpu", amp=False,
+               filters=[8, 16, 32])
+    chain, e = [], info.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__
+    assert any("--filters [8, 16, 32]" in m and "filters=[4, 8, 16]" in m for m in chain), chain
+    assert not out.exists()  # failed in initialize, before the output folder or any volume
+    # the same value as the checkpoint is fine
+    _infer(INFER_JSON, dataset_dir=data, output_dir=str(out), ckpt_path=ckpt, device="cpu", amp=False,
+           filters=[4, 8, 16], patch_size=[16, 16, 16])
+    assert any(n.endswith(".tif") for n in os.listdir(out))
 
 
 def test_ensemble_and_tta_average_probabilities():
@@ -134,23 +171,28 @@ def test_ckpt_paths_parsed_and_checked(tmp_path):
 
 @pytest.mark.slow
 def test_torchscript_export_loads_in_inference_with_equal_output(trained, tmp_path):
+    """Exported from the run's model.pt with no network setting repeated: the spec comes from the run's
+    network.json (written beside model.pt), travels inside model.ts, and inference reads it back from there."""
     root, data, ckpt = trained
+    model_pt, network_json = root / "run" / "models" / "model.pt", root / "run" / "models" / "network.json"
     ts = tmp_path / "model.ts"
-    cmd = [PYTHON, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", ckpt,
+    configs = json.dumps([INFER_JSON, str(network_json)])
+    cmd = [PYTHON, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(model_pt),
            "--key_in_ckpt", "network", "--meta_file", os.path.join(REPO, "bundle", "configs", "metadata.json"),
-           "--config_file", INFER_JSON, "--use_trace", "True", "--input_shape", "[1, 1, 16, 16, 16]",
-           *sum(([f"--{k}", json.dumps(v)] for k, v in NET.items()), [])]
+           "--config_file", configs, "--use_trace", "True", "--input_shape", "[1, 1, 16, 16, 16]"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     net = build_dynunet([16, 16, 16], filters=[4, 8, 16], deep_supr_num=1)
-    net.load_state_dict(torch.load(ckpt, weights_only=True)["network"])
+    net.load_state_dict(torch.load(model_pt, weights_only=True)["network"])
     net.eval()
     x = torch.randn(1, 1, 16, 16, 16)
     traced = torch.jit.load(str(ts))
     assert torch.allclose(traced(x), net(x), atol=1e-5)
     out_ckpt, out_ts = tmp_path / "p1", tmp_path / "p2"
     for out, path in ((out_ckpt, ckpt), (out_ts, str(ts))):
-        _infer(INFER_JSON, input_dir=os.path.join(data, "test_images"), output_dir=str(out), ckpt_path=path,
-               device="cpu", amp=False, min_component_size=0, **NET)
+        _infer(INFER_JSON, dataset_dir=data, output_dir=str(out), ckpt_path=path, device="cpu", amp=False,
+               min_component_size=0)
     for name in os.listdir(os.path.join(data, "test_images")):
         assert np.array_equal(tifffile.imread(out_ckpt / name), tifffile.imread(out_ts / name))
+
+

@@ -110,7 +110,8 @@ def test_torchrun_gloo_two_ranks(data_dir, tmp_path):
     assert (out / "train.log").is_file()
     log = (out / "train.log").read_text()
     assert log.count("samples/s") == 1  # one epoch, logged by rank 0 only
-    assert sorted(os.listdir(out)) == sorted(set(os.listdir(out)) & {"cache", "checkpoints", "tensorboard", "train.log"})
+    assert sorted(os.listdir(out)) == sorted(set(os.listdir(out)) & {"cache", "checkpoints", "models", "tensorboard", "train.log"})
+    assert sorted(os.listdir(out / "models")) == ["model.pt", "network.json"]  # rank 0 only wrote it
 
 
 def test_torchrun_two_ranks_one_validation_volume_scores_as_one_process(data_dir, tmp_path):

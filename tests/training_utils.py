@@ -59,14 +59,14 @@ def cli_args(overrides):
 
 
 def tiny_network(net=None, seed=0):
-    """``build_dynunet`` with the ``TINY_NET`` settings (or ``net``), weights from ``torch.manual_seed(seed)``."""
+    """A DynUNet of the ``TINY_NET`` settings (or ``net``) built as train.json builds it (``build_network``,
+    so its checkpoints carry the spec), weights from ``torch.manual_seed(seed)``."""
     import torch
 
-    from custom_components.training.network import build_dynunet
+    from custom_components.training.network import build_network
 
-    net = dict(TINY_NET if net is None else net)
     torch.manual_seed(seed)
-    return build_dynunet(net.pop("patch_size"), **net)
+    return build_network("dynunet", **dict(TINY_NET if net is None else net))
 
 
 def save_checkpoint_as_training(network, save_dir):

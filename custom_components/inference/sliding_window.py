@@ -18,9 +18,16 @@ from collections.abc import Sequence
 import torch
 from monai.inferers import SlidingWindowInferer
 
-from custom_components.training.checkpoint import _network_state, load_checkpoint, load_network_weights
+from custom_components.training.checkpoint import (
+    _network_state,
+    checkpoint_network_spec,
+    load_checkpoint,
+    load_network_weights,
+)
+from custom_components.training.network import spec_differences
 
-__all__ = ["ProbabilityEnsemble", "RobustSlidingWindowInferer", "load_networks", "parse_ckpt_paths", "input_records"]
+__all__ = ["ProbabilityEnsemble", "RobustSlidingWindowInferer", "load_networks", "parse_ckpt_paths", "input_records",
+           "file_network_spec", "resolve_network_spec", "image_folder"]
 
 logger = logging.getLogger("vesuvius.inference")
 
@@ -37,6 +44,49 @@ def parse_ckpt_paths(ckpt_path) -> list[str]:
     if missing:
         raise ValueError(f"checkpoint(s) not found: {', '.join(missing)}")
     return paths
+
+
+def file_network_spec(path: str) -> dict | None:
+    """The network spec a ``.pt`` checkpoint / ``model.pt`` carries, or a ``.ts`` export in its extra file
+    ``network.json`` (``ckpt_export --config_file "['inference.json', 'RUN/models/network.json']"``)."""
+    if path.endswith(".ts"):
+        import json
+
+        extra = {"network.json": ""}
+        torch.jit.load(path, map_location="cpu", _extra_files=extra)
+        spec = json.loads(extra["network.json"] or "{}").get("network_spec")
+        return dict(spec) if spec else None
+    return checkpoint_network_spec(load_checkpoint(path))
+
+
+def resolve_network_spec(ckpt_path, **settings) -> dict:
+    """The spec to build the network from: the one the checkpoint(s) carry, checked against every setting
+    given (not None) on the command line; ``ValueError`` naming the setting and both values on a
+    contradiction, before any volume is read. Several checkpoints must carry the same spec. A checkpoint
+    without a spec (written before specs existed) takes the settings given, ``patch_size`` required."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    found = [(p, file_network_spec(p)) for p in parse_ckpt_paths(ckpt_path)]
+    specs = [(p, s) for p, s in found if s]
+    for (p0, s0), (p1, s1) in zip(specs, specs[1:]):
+        if spec_differences(s0, s1):
+            raise ValueError(f"checkpoints {p0} and {p1} hold different networks: {'; '.join(spec_differences(s0, s1))}.")
+    if not specs:
+        if "patch_size" not in given:
+            raise ValueError(f"checkpoint {found[0][0]} carries no network settings (written before they were recorded): "
+                             "give --patch_size (and --filters, --deep_supr_num if not the defaults).")
+        return {"kind": "dynunet", **given}
+    path, spec = specs[0]
+    for name, value in given.items():
+        if name in spec and spec_differences({name: spec[name]}, {name: value}):
+            raise ValueError(f"--{name} {value!r} contradicts checkpoint {path}, trained with {name}={spec[name]!r}: "
+                             f"leave --{name} out (the checkpoint sets it) or give a checkpoint trained so.")
+    return spec
+
+
+def image_folder(dataset_dir: str, subfolder: str) -> str:
+    """``dataset_dir/subfolder`` where a Kaggle-layout root holds it (``test_images``, ...), else ``dataset_dir``."""
+    candidate = os.path.join(dataset_dir, subfolder)
+    return candidate if os.path.isdir(candidate) else dataset_dir
 
 
 def load_networks(network_def: torch.nn.Module, ckpt_path, device="cpu") -> list[torch.nn.Module]:

@@ -10,7 +10,14 @@ file.
 Files in ``<output_dir>/checkpoints``: ``last.pt`` (end of every epoch and every ``save_interval``
 iterations) and ``best.pt`` (best key validation metric). Each holds the ``state_dict`` of every object
 of ``save_dict`` (network, optimizer, lr_scheduler, trainer: epoch, iteration) plus ``meta``
-(epoch, iteration, best metric, skipped steps).
+(epoch, iteration, best metric, skipped steps, and ``network``: the spec the network was built from,
+``custom_components.training.network.build_network``).
+
+``write_model_pt`` ends a run: the network weights alone (``{"network": state_dict, "meta": {"network":
+spec, ...}}``) of the best checkpoint (else the last) to ``<output_dir>/models/model.pt``, atomically, with
+``network.json`` beside it: ``{"network_spec": spec}``, a config fragment that ``ckpt_export`` / ``onnx_export``
+take as a second ``--config_file`` (it sets inference.json's ``network_spec``) and that travels inside
+``model.ts`` as its extra file ``network.json``.
 
 ``load_checkpoint`` reads with ``torch.load(weights_only=True)`` (no code from a foreign file runs)
 and reports a network mismatch as the missing / unexpected keys and the differing shapes.
@@ -24,7 +31,8 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
-from custom_components.atomic import fsync_dir
+from custom_components.atomic import atomic_write_json, fsync_dir
+from custom_components.training.network import network_spec_of, spec_differences
 
 __all__ = [
     "atomic_torch_save",
@@ -35,6 +43,8 @@ __all__ = [
     "find_last_checkpoint",
     "check_output_dir",
     "CheckpointMismatchError",
+    "write_model_pt",
+    "checkpoint_network_spec",
 ]
 
 logger = logging.getLogger("vesuvius.checkpoint")
@@ -183,6 +193,7 @@ class AtomicCheckpointSaver:
             obj[name] = o.state_dict()
         st = self.trainer.state
         obj["meta"] = {
+            "network": network_spec_of(self.save_dict.get("network")),
             "epoch": int(st.epoch),
             "iteration": int(st.iteration),
             "best_metric": float(self.best_metric),
@@ -234,6 +245,11 @@ class CheckpointResumer:
         if not self.load_path:
             return
         ckpt = load_checkpoint(self.load_path, self.map_location)
+        own, saved = network_spec_of(self.load_dict.get("network")), checkpoint_network_spec(ckpt)
+        if own and saved and spec_differences(saved, own):
+            raise CheckpointMismatchError(
+                f"checkpoint {self.load_path} was trained with another network than this run configures "
+                f"(checkpoint vs now): {'; '.join(spec_differences(saved, own))}.")
         for name, obj in {**self.load_dict, "trainer": engine}.items():
             if obj is None:
                 continue
@@ -254,3 +270,30 @@ class CheckpointResumer:
             self.saver.best_metric = float(meta.get("best_metric", -float("inf")))
             self.saver.best_epoch = int(meta.get("best_epoch", -1))
         engine.logger.info(f"resumed from {self.load_path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+
+
+def checkpoint_network_spec(ckpt: dict) -> dict | None:
+    """The network spec a checkpoint or ``model.pt`` carries (None for one written before specs existed)."""
+    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
+    spec = meta.get("network") if isinstance(meta, dict) else None
+    return dict(spec) if spec else None
+
+
+def write_model_pt(ckpt_dir: str | Path, model_path: str | Path, prefer: tuple[str, ...] = ("best.pt", "last.pt"),
+                   rank: int = 0) -> str | None:
+    """The inference weights of a run: the first of ``prefer`` found in ``ckpt_dir``, network weights and
+    spec only, atomically to ``model_path`` (and ``{"network_spec": spec}`` to ``network.json`` beside it).
+    Rank 0 only."""
+    if rank != 0:
+        return None
+    ckpt_dir, model_path = Path(ckpt_dir), Path(model_path)
+    source = next((ckpt_dir / name for name in prefer if (ckpt_dir / name).is_file()), None)
+    if source is None:
+        raise FileNotFoundError(f"no checkpoint among {list(prefer)} in {ckpt_dir} to write {model_path} from.")
+    ckpt = load_checkpoint(source)
+    spec = checkpoint_network_spec(ckpt)
+    meta = {k: v for k, v in ckpt.get("meta", {}).items() if k in ("network", "epoch", "iteration", "best_metric")}
+    atomic_torch_save({"network": _network_state(ckpt), "meta": {**meta, "source": source.name}}, model_path)
+    atomic_write_json(str(model_path.with_name("network.json")), {"network_spec": spec})
+    logger.info("wrote %s (network weights of %s, epoch %s)", model_path, source, meta.get("epoch"))
+    return str(model_path)

@@ -1,4 +1,11 @@
-"""DynUNet topology derived from the patch size, nnU-Net style, with an up-front patch check.
+"""The networks the bundle builds, each recorded as a spec that checkpoints carry; DynUNet's topology
+derived from the patch size, nnU-Net style, with an up-front patch check.
+
+``build_network(kind, **settings)`` builds a network of ``NETWORK_BUILDERS[kind]`` and attaches
+``network_spec = {"kind": kind, **settings}`` to it (plain JSON values). The checkpoint saver writes that
+spec into every checkpoint and into ``models/model.pt``; inference, evaluation and export rebuild the
+network from it (``network_from_spec``), so a network trained with other ``filters`` or ``patch_size``
+needs no flag repeated after training.
 
 MONAI's ``DynUNet`` takes explicit ``kernel_size`` and ``strides`` lists and does not check that a patch
 fits them: a patch that is not divisible by the total stride fails deep inside ``forward`` with a
@@ -14,7 +21,8 @@ from collections.abc import Sequence
 
 from monai.networks.nets import DynUNet
 
-__all__ = ["plan_dynunet", "check_patch_size", "nearest_valid_patch", "build_dynunet"]
+__all__ = ["plan_dynunet", "check_patch_size", "nearest_valid_patch", "build_dynunet", "build_network", "network_spec_of",
+           "spec_differences", "NETWORK_BUILDERS"]
 
 
 def _levels_per_axis(patch_size: Sequence[int], min_feature_size: int, max_levels: int) -> list[int]:
@@ -106,3 +114,36 @@ def build_dynunet(
         deep_supr_num=max(1, min(deep_supr_num, depth - 2)),
         res_block=res_block,
     )
+
+
+#: the networks a spec's ``kind`` can name; each takes its settings as keyword arguments
+NETWORK_BUILDERS = {"dynunet": build_dynunet}
+
+
+def _plain(value):
+    """JSON-able copy of a setting (tuples to lists), so that a spec survives ``weights_only`` loading."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def build_network(kind: str = "dynunet", **settings):
+    """``NETWORK_BUILDERS[kind](**settings)`` with ``network_spec = {"kind": kind, **settings}`` attached."""
+    if kind not in NETWORK_BUILDERS:
+        raise ValueError(f"network kind '{kind}' is unknown; known kinds: {sorted(NETWORK_BUILDERS)}.")
+    net = NETWORK_BUILDERS[kind](**settings)
+    net.network_spec = {"kind": kind, **{k: _plain(v) for k, v in settings.items()}}
+    return net
+
+
+def network_spec_of(network) -> dict | None:
+    """The spec ``build_network`` attached (through a DDP wrapper), or None for a network built otherwise."""
+    spec = getattr(getattr(network, "module", network), "network_spec", None)
+    return dict(spec) if spec is not None else None
+
+
+def spec_differences(a: dict, b: dict) -> list[str]:
+    """``"name: A vs B"`` for every setting two specs give differently (a setting one of them lacks counts)."""
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if _plain(a.get(k)) != _plain(b.get(k))]
