@@ -2,9 +2,9 @@
 
 ``ProbabilityEnsemble`` averages ``sigmoid`` probabilities over several networks (e.g. one checkpoint
 per fold) and over up to 8 mirror flips; each network is a checkpoint of ``network_def`` or a
-TorchScript export (``.ts``). ``RobustSlidingWindowInferer`` is MONAI's ``SlidingWindowInferer``
-(Gaussian blending) that, on a CUDA out-of-memory error, halves the window batch, and at batch 1 moves
-the stitching to the CPU, rather than failing.
+TorchScript export (``.ts``). ``RobustSlidingWindowInferer`` is MONAI's ``SlidingWindowInfererAdapt``
+(Gaussian blending; stitching moved to a buffer, then to the CPU, on a CUDA out-of-memory error) that
+also halves the window batch when the error persists, rather than failing.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 
 import torch
-from monai.inferers import SlidingWindowInferer
+from monai.inferers import SlidingWindowInfererAdapt
 
 from custom_components.training.checkpoint import (
     _network_state,
@@ -136,23 +136,20 @@ class ProbabilityEnsemble(torch.nn.Module):
         return total / (len(self.networks) * len(self.flips))
 
 
-class RobustSlidingWindowInferer(SlidingWindowInferer):
-    """``SlidingWindowInferer`` that halves ``sw_batch_size`` on CUDA OOM, then stitches on the CPU."""
+class RobustSlidingWindowInferer(SlidingWindowInfererAdapt):
+    """MONAI's ``SlidingWindowInfererAdapt`` (on a CUDA out-of-memory error it stitches in a buffer, then on
+    the CPU) that, when the error persists, also halves ``sw_batch_size`` down to 1 before giving up."""
 
     def __call__(self, inputs, network, *args, **kwargs):
         while True:
             try:
                 return super().__call__(inputs, network, *args, **kwargs)
             except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                if self.sw_batch_size > 1:
-                    self.sw_batch_size = max(1, self.sw_batch_size // 2)
-                    logger.warning("CUDA out of memory: retrying with sw_batch_size=%d", self.sw_batch_size)
-                elif self.device is None or torch.device(self.device).type != "cpu":
-                    self.device = torch.device("cpu")
-                    logger.warning("CUDA out of memory at sw_batch_size=1: stitching on the CPU")
-                else:
+                if self.sw_batch_size <= 1:
                     raise
+                torch.cuda.empty_cache()
+                self.sw_batch_size = max(1, self.sw_batch_size // 2)
+                logger.warning("CUDA out of memory: retrying with sw_batch_size=%d", self.sw_batch_size)
 
 
 def input_records(input_dir: str, label_dir: str | None = None) -> list[dict]:
