@@ -3,102 +3,75 @@
     python -m custom_components.training.autotune --config_file bundle/configs/train.json [--config_file more.json ...]
         [--dataset_dir DIR] [--max_minutes 5] [--out tune.json] [--key value ...]
 
-The configs are read as ``python -m monai.bundle run`` reads them: the files merged in order, then every
-other ``--key value`` pair (``--patch_size "[96,96,96]"``, ``--train#dataset#fg_fraction 0.5``) applied with
-``ConfigParser.update``. Everything measured is built *from that config*: network, loss, optimiser, data
-loader, device augmentation (``prepare_batch``) and the ``train#trainer`` itself, so a step here is a step
-of the run. Only the trainer's handlers are cut down to those that work per iteration and touch no file
-(``EpochSeedHandler``, ``LrScheduleHandler``, ``LossTermsHandler``, ``ThroughputHandler``): logging to files,
-TensorBoard, checkpoint saving / resuming and validation are left out (validation is estimated apart).
+The configs are read as ``python -m monai.bundle run`` reads them: the files merged in order, the other ``--key value``
+pairs parsed by ``fire`` (``--patch_size "[96,96,96]"``; ``true``/``false`` as booleans) and applied with
+``ConfigParser.update``. Network, loss, optimiser, loader, device augmentation and the ``train#trainer`` are built from
+that config, so a step here is a step of the run; its handlers are cut to ``SAFE_HANDLERS`` (no file, no validation).
+Each trial is a fresh parse with ``batch_size`` / ``num_workers`` / ``prefetch`` overridden and a real ``trainer.run()``
+of an epoch of warm-up steps and a measured epoch on the same loader iterator, timed by ``ThroughputHandler`` (data
+wait from ``GET_BATCH_STARTED`` to ``GET_BATCH_COMPLETED``, phases by the trainer's ``step_timer``), then all deleted.
+The preflight runs once; the trials read its first ``--volumes`` training volumes, cached where the run reuses them.
 
-Each trial is a fresh parse of the config with ``batch_size`` / ``num_workers`` / ``prefetch`` overridden,
-a real ``trainer.run()`` of a few iterations, then everything deleted (``gc.collect``,
-``torch.cuda.empty_cache``). The preflight of the config runs once (all its checks), and the tuning reads
-only its first ``--volumes`` training volumes, prepared into the run's own cache (``cache_dir``), which the
-run then reuses.
+- CUDA: ``search_largest_batch`` doubles then bisects the batch; a batch fits when two real steps (AMP as configured;
+  the first computes the topology term) raise no ``OutOfMemoryError`` and ``max_memory_allocated`` stays under
+  ``--memory_fraction`` (90 %) of the GPU. Then ``num_workers`` x ``prefetch``, cheapest first, at that batch until
+  data wait is under 5 % of the step.
+- CPU: nothing is pushed towards an out-of-memory kill. Batch 1's memory is estimated on the ``meta`` device; it runs
+  only if it fits in host memory with room to spare, then the configured batch (memory predicted from batch 1). Step
+  time, peak RSS (``getrusage``) and the bytes autograd saves are measured; the output says ``ESTIMATED``.
 
-- CUDA: ``search_largest_batch`` doubles then bisects the batch; a batch fits when two real steps
-  (forward, loss, backward, optimiser, at the config's AMP setting; the first step computes the topology
-  term) run without ``torch.cuda.OutOfMemoryError`` and their ``torch.cuda.max_memory_allocated`` stays
-  under ``--memory_fraction`` (90 %) of the GPU. Then loader settings (``num_workers`` x ``prefetch``, the
-  cheapest first) are tried at that batch until data wait (the time from ``GET_BATCH_STARTED`` to
-  ``GET_BATCH_COMPLETED``, as ``ThroughputHandler`` counts it) is under 5 % of the step.
-- CPU: nothing is pushed towards an out-of-memory kill. The memory of batch 1 is first estimated on the
-  ``meta`` device (no allocation); the trial runs only when it fits in host memory with room to spare,
-  then one more trial at the configured batch (its memory predicted from batch 1 first). Time per step
-  and memory (peak process RSS, and the bytes autograd saves for backward) are measured; the output says
-  ``ESTIMATED (CPU, no out-of-memory search)`` and keeps the configured batch.
-
-Printed: the trials, the recommended overrides (``--batch_size N --num_workers M --prefetch P`` and as
-JSON) and the expected seconds per step, per epoch (``iterations_per_epoch``) and for the whole run
-(``epochs``), plus validation: the sliding-window network passes (windows of ``patch_size`` at
-``val_overlap``, ``val_sw_batch_size`` at a time, timed once) over ``val_max_volumes`` volumes every
-``val_interval`` epochs; the metric (``LeaderboardIgniteMetric``, on the CPU) and checkpoint writes are not
-included. ``--out`` writes all of it as JSON (atomically).
+Printed: the trials, the recommended overrides (CLI and JSON), the expected seconds per step, epoch and run, with
+validation's sliding-window network passes (``patch_size`` windows at ``val_overlap``, ``val_sw_batch_size`` per forward,
+timed once) over ``val_max_volumes`` volumes every ``val_interval`` epochs (no metric, no checkpoints). ``--out`` writes
+it all as JSON (atomically).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import copy
+import contextlib
 import gc
+import io
 import json
 import logging
 import math
 import os
+import re
+import resource
+import shlex
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-__all__ = [
-    "search_largest_batch",
-    "pick_loader_settings",
-    "estimate_run_time",
-    "loader_candidates",
-    "sliding_window_count",
-    "validation_seconds",
-    "parse_overrides",
-    "format_report",
-    "main",
-]
+import fire
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+from monai.data.utils import dense_patch_slices
+
+from custom_components.training.handlers import ThroughputHandler
+
+__all__ = ["search_largest_batch", "pick_loader_settings", "estimate_run_time", "loader_candidates",
+           "sliding_window_count", "validation_seconds", "parse_overrides", "format_report", "main"]
 
 MAX_DATA_WAIT = 0.05
-SAFE_HANDLERS = ("EpochSeedHandler", "LrScheduleHandler", "LossTermsHandler", "ThroughputHandler")
+SAFE_HANDLERS = ("EpochSeedHandler", "LrScheduleHandler", "LossTermsHandler")  # and a ThroughputHandler of our own
 _STORE: dict = {}  # the preflight result of this process, read back by every trial's config
 
 
-# ----------------------------------------------------------------------------------------------------------
-# pure functions
-# ----------------------------------------------------------------------------------------------------------
 def _is_oom(e: BaseException) -> bool:
     """True for ``torch.cuda.OutOfMemoryError`` and the CUDA/cuDNN/cuBLAS allocation failures raised as RuntimeError."""
-    import torch
-
-    if isinstance(e, torch.cuda.OutOfMemoryError):
-        return True
     msg = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in msg or "alloc_failed" in msg)
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and ("out of memory" in msg or "alloc_failed" in msg))
 
 
-def search_largest_batch(
-    try_batch: Callable[[int], bool],
-    start: int = 1,
-    limit: int = 256,
-    out_of_time: Callable[[], bool] | None = None,
-    what: str = "",
-) -> int:
-    """Largest batch ``b`` in ``[start, limit]`` with ``try_batch(b)`` true, assuming fitting is monotone.
-
-    Doubling from ``start`` (``start, 2 start, 4 start, ...``, capped at ``limit``) until a batch fails, then
-    bisection between the last batch that fit and the first that failed: about ``2 log2(b)`` calls, each
-    batch tried at most once. ``try_batch`` returns False when the batch does not fit; an out-of-memory
-    exception it raises (``torch.cuda.OutOfMemoryError``) counts as False too. When ``out_of_time()``
-    becomes true the largest batch known to fit is returned. ``ValueError`` (naming ``what``) if ``start``
-    itself does not fit.
-    """
+def search_largest_batch(try_batch: Callable[[int], bool], start: int = 1, limit: int = 256,
+                         out_of_time: Callable[[], bool] | None = None, what: str = "") -> int:
+    """Largest ``b`` in ``[start, limit]`` with ``try_batch(b)`` true (an out-of-memory error counts as false), fitting
+    being monotone: doubling from ``start`` until a batch fails, then bisection, each batch once (``~2 log2 b`` calls).
+    Once ``out_of_time()`` is true, the largest known to fit; ``ValueError`` naming ``what`` if ``start`` does not fit."""
     start, limit = int(start), int(limit)
     if start < 1 or limit < start:
         raise ValueError(f"batch search needs 1 <= start <= limit, got start={start}, limit={limit}.")
@@ -115,155 +88,86 @@ def search_largest_batch(
         return tried[b]
 
     if not fits(start):
-        raise ValueError(
-            f"batch_size {start} does not fit{' ' + what if what else ''}: reduce patch_size or filters, "
-            "or set amp=true (bf16 on CUDA)."
-        )
+        raise ValueError(f"batch_size {start} does not fit{' ' + what if what else ''}: reduce patch_size or "
+                         "filters, or set amp=true (bf16 on CUDA).")
     lo, hi = start, None  # lo fits; hi (if any) does not
-    while hi is None and lo < limit:
-        if out_of_time is not None and out_of_time():
-            return lo
-        b = min(2 * lo, limit)
-        if fits(b):
-            lo = b
-        else:
-            hi = b
-    while hi is not None and hi - lo > 1:
-        if out_of_time is not None and out_of_time():
-            break
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
+    while (lo < limit if hi is None else hi - lo > 1) and not (out_of_time is not None and out_of_time()):
+        b = min(2 * lo, limit) if hi is None else (lo + hi) // 2
+        lo, hi = (b, hi) if fits(b) else (lo, b)
     return lo
 
 
 def loader_candidates(cpu_count: int, configured: tuple[int, int] | None = None,
-                      workers: Sequence[int] = (0, 1, 2, 4, 8, 16), prefetch: Sequence[int] = (2, 4)) -> list[tuple[int, int]]:
-    """``(num_workers, prefetch)`` pairs to try, cheapest first (fewer workers, then a smaller buffer).
-
-    Workers are capped at ``cpu_count - 1`` (one core stays with the trainer); the configured pair is
-    always included.
-    """
-    cap = max(0, int(cpu_count) - 1)
-    ws = {w for w in workers if w <= cap} | {0}
-    ps = set(int(p) for p in prefetch)
-    out = {(w, p) for w in ws for p in ps}
-    if configured is not None:
-        out.add((int(configured[0]), int(configured[1])))
-    return sorted(out)
+                      workers: Sequence[int] = (0, 1, 2, 4, 8, 16), prefetch: Sequence[int] = (2, 4)) -> list:
+    """``(num_workers, prefetch)`` pairs, cheapest first; workers capped at ``cpu_count - 1``, the configured pair kept."""
+    out = {(w, int(p)) for w in {w for w in workers if w <= max(0, int(cpu_count) - 1)} | {0} for p in prefetch}
+    return sorted(out | ({(int(configured[0]), int(configured[1]))} if configured is not None else set()))
 
 
 def pick_loader_settings(measurements: Sequence[dict], max_data_wait: float = MAX_DATA_WAIT) -> dict:
-    """The cheapest loader setting whose data wait is under ``max_data_wait`` of the step.
-
-    ``measurements``: dicts with ``num_workers``, ``prefetch``, ``data_wait_fraction`` (wait / whole step)
-    and optionally ``step_s``. Cheapest = fewest workers, then smallest ``prefetch``. Returns a copy of the
-    chosen measurement with ``meets`` (bool) and ``reason`` (a sentence); when none meets the threshold,
-    the one with the smallest data wait, ``meets=False``, and a reason that says so.
-    """
+    """The cheapest (fewest workers, then smallest ``prefetch``) measurement with ``data_wait_fraction`` under
+    ``max_data_wait``, copied with ``meets`` and ``reason``; when none meets it, the smallest wait, ``meets=False``."""
     if not measurements:
         raise ValueError("pick_loader_settings needs at least one loader measurement, got none.")
-    for m in measurements:
-        for k in ("num_workers", "prefetch", "data_wait_fraction"):
-            if k not in m:
-                raise ValueError(f"loader measurement {m} has no '{k}'.")
+    for m, k in ((m, k) for m in measurements for k in ("num_workers", "prefetch", "data_wait_fraction") if k not in m):
+        raise ValueError(f"loader measurement {m} has no '{k}'.")
     ok = [m for m in measurements if float(m["data_wait_fraction"]) < max_data_wait]
+    lim = f"{100 * max_data_wait:.0f} % of the step"
     if ok:
-        best = min(ok, key=lambda m: (int(m["num_workers"]), int(m["prefetch"])))
-        return {**best, "meets": True, "reason": (
-            f"num_workers={best['num_workers']}, prefetch={best['prefetch']} is the cheapest setting with data wait "
-            f"{100 * float(best['data_wait_fraction']):.1f} % < {100 * max_data_wait:.0f} % of the step")}
-    best = min(measurements, key=lambda m: (float(m["data_wait_fraction"]), int(m["num_workers"]), int(m["prefetch"])))
-    return {**best, "meets": False, "reason": (
-        f"no setting tried keeps data wait under {100 * max_data_wait:.0f} % of the step; the lowest was "
-        f"{100 * float(best['data_wait_fraction']):.1f} % with num_workers={best['num_workers']}, prefetch={best['prefetch']} "
-        "(the host cannot crop patches fast enough: more CPU cores, the cache on a local SSD, or a larger batch per step)")}
+        b = min(ok, key=lambda m: (int(m["num_workers"]), int(m["prefetch"])))
+        return {**b, "meets": True, "reason": f"num_workers={b['num_workers']}, prefetch={b['prefetch']} is the "
+                f"cheapest setting with data wait {100 * float(b['data_wait_fraction']):.1f} % < {lim}"}
+    b = min(measurements, key=lambda m: (float(m["data_wait_fraction"]), int(m["num_workers"]), int(m["prefetch"])))
+    return {**b, "meets": False, "reason": (
+        f"no setting tried keeps data wait under {lim}; the lowest was {100 * float(b['data_wait_fraction']):.1f} % "
+        f"with num_workers={b['num_workers']}, prefetch={b['prefetch']} (the host cannot crop patches fast enough: "
+        "more CPU cores, the cache on a local SSD, or a larger batch per step)")}
 
 
 def estimate_run_time(step_s: float, iterations_per_epoch: int, epochs: int, val_s: float | None = None,
                       val_interval: int = 0) -> dict:
-    """Expected seconds of the run from the measured seconds per step.
-
-    ``epoch_s = step_s * iterations_per_epoch``; ``train_s = epoch_s * epochs``; validation runs at every
-    epoch that is a multiple of ``val_interval`` (``validations = epochs // val_interval``, 0 when
-    ``val_interval <= 0``), ``val_total_s = validations * val_s``; ``total_s = train_s + val_total_s``.
-    ``val_s=None`` (not estimated): ``val_total_s`` is None and ``total_s`` counts training only
-    (``validation_included`` False).
-    """
+    """Seconds of the run: ``epoch_s = step_s * iterations_per_epoch``, ``train_s = epoch_s * epochs``,
+    ``validations = epochs // val_interval`` (0 if ``val_interval <= 0``), ``total_s = train_s + validations * val_s``;
+    ``val_s=None`` (not estimated): ``val_total_s`` None, ``total_s`` training only (``validation_included`` False)."""
     if step_s < 0 or not math.isfinite(step_s):
         raise ValueError(f"step_s must be a finite number >= 0, got {step_s}.")
     if int(iterations_per_epoch) < 1 or int(epochs) < 1:
         raise ValueError(f"iterations_per_epoch and epochs must be >= 1, got {iterations_per_epoch} and {epochs}.")
     epoch_s = float(step_s) * int(iterations_per_epoch)
-    train_s = epoch_s * int(epochs)
     validations = int(epochs) // int(val_interval) if int(val_interval) > 0 else 0
     val_total = None if val_s is None else validations * float(val_s)
-    return {
-        "step_s": float(step_s),
-        "epoch_s": epoch_s,
-        "train_s": train_s,
-        "validations": validations,
-        "val_s": None if val_s is None else float(val_s),
-        "val_total_s": val_total,
-        "total_s": train_s + (val_total or 0.0),
-        "validation_included": val_s is not None or validations == 0,
-    }
+    return {"step_s": float(step_s), "epoch_s": epoch_s, "train_s": epoch_s * int(epochs), "validations": validations,
+            "val_s": None if val_s is None else float(val_s), "val_total_s": val_total,
+            "total_s": epoch_s * int(epochs) + (val_total or 0.0), "validation_included": val_s is not None or validations == 0}
 
 
 def sliding_window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
-    """Windows MONAI's ``SlidingWindowInferer`` takes over ``shape``: per axis 1 if ``s <= r``, else
-    ``ceil((s - r) / interval) + 1`` with ``interval = max(1, int(r * (1 - overlap)))``; their product."""
-    n = 1
-    for s, r in zip(shape, roi):
-        s, r = int(s), int(r)
-        if s <= r:
-            continue
-        interval = max(1, int(r * (1 - float(overlap))))
-        n *= math.ceil((s - r) / interval) + 1
-    return n
+    """Windows MONAI's ``SlidingWindowInferer`` takes over ``shape`` (padded to ``roi``): ``dense_patch_slices`` at its
+    scan interval, ``max(1, int(r * (1 - overlap)))`` per axis (``r`` on an axis no longer than ``r``)."""
+    size = [max(int(s), int(r)) for s, r in zip(shape, roi)]
+    step = [int(r) if s == int(r) else max(1, int(int(r) * (1 - float(overlap)))) for s, r in zip(size, roi)]
+    return len(dense_patch_slices(size, [int(r) for r in roi], step))
 
 
 def validation_seconds(shapes: Sequence[Sequence[int]], roi: Sequence[int], overlap: float, sw_batch_size: int,
                        forward_s: float) -> float:
-    """Seconds of one validation's network passes: ``sum_v ceil(windows_v / sw_batch_size) * forward_s``,
-    ``forward_s`` being one forward of ``sw_batch_size`` windows."""
+    """Network seconds of one validation: ``sum_v ceil(windows_v / sw_batch_size) * forward_s``."""
     return sum(math.ceil(sliding_window_count(s, roi, overlap) / int(sw_batch_size)) for s in shapes) * float(forward_s)
 
 
-def _literal(text: str):
-    """A command-line value as ``monai.bundle`` (fire) reads it: JSON / a Python literal, else the string."""
-    for conv in (json.loads, ast.literal_eval):
-        try:
-            return conv(text)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            continue
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    return text
-
-
 def parse_overrides(args: Sequence[str]) -> dict:
-    """``["--a", "1", "--b#c", "[2, 3]", "--d=x"]`` -> ``{"a": 1, "b#c": [2, 3], "d": "x"}``; ValueError on a stray value."""
-    out, i, args = {}, 0, list(args)
-    while i < len(args):
-        a = args[i]
-        if not a.startswith("--") or len(a) <= 2:
-            raise ValueError(f"unexpected argument '{a}': overrides are '--id value' pairs.")
-        key = a[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-            i += 1
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            value = args[i + 1]
-            i += 2
-        else:
-            value = "true"
-            i += 1
-        out[key] = _literal(value)
-    return out
+    """``--id value`` pairs as ``python -m monai.bundle run`` parses them (``fire.Fire``), ``true``/``false`` as
+    booleans: ``["--a", "1", "--b#c", "[2, 3]", "--d=x"]`` -> ``{"a": 1, "b#c": [2, 3], "d": "x"}``."""
+    got, err = {}, io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
+            fire.Fire(lambda **kw: got.update(kw), command=list(args), name="autotune")
+    except fire.core.FireExit as e:
+        stray = re.search(r"Could not consume arg: (.*)", err.getvalue())
+        raise ValueError(f"unexpected argument '{stray.group(1) if stray else ' '.join(args)}': overrides are "
+                         "'--id value' pairs.") from e
+    return {k: v.strip().lower() == "true" if isinstance(v, str) and v.strip().lower() in ("true", "false") else v
+            for k, v in got.items()}
 
 
 def _fmt_s(s: float | None) -> str:
@@ -271,86 +175,52 @@ def _fmt_s(s: float | None) -> str:
         return "not estimated"
     if s < 120:
         return f"{s:.2f} s" if s < 10 else f"{s:.1f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
+    return f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 def _fmt_gb(b: float | None) -> str:
     return "-" if b is None else f"{b / 2**30:.2f} GB"
 
 
-def _cli_value(v) -> str:
-    """A value as a shell word for ``monai.bundle run``: JSON without spaces for non-strings, shell-quoted."""
-    import shlex
-
-    return shlex.quote(v if isinstance(v, str) else json.dumps(v, separators=(",", ":")))
-
-
 def format_report(result: dict) -> str:
     """The printed summary of an autotune result (the dict ``main`` writes with ``--out``)."""
-    lines = []
-    cfg = result["configured"]
-    head = ("MEASURED (CUDA, out-of-memory search)" if result["mode"] == "cuda"
-            else "ESTIMATED (CPU, no out-of-memory search)")
-    lines.append(f"autotune {result['date']}: {head}")
-    amp = "bf16" if cfg["amp"] and result["mode"] == "cuda" else "off"
-    lines.append(f"  device {result['device']} ({result['device_name']}), amp {amp}, "
-                 f"patch_size {cfg['patch_size']}, configured batch_size {cfg['batch_size']}, num_workers {cfg['num_workers']}, "
-                 f"prefetch {cfg['prefetch']}; {result['tuning_volumes']} training volume(s) read")
-    lines.append("")
-    lines.append(f"  {'trial':<7} {'batch':>5} {'workers':>7} {'prefetch':>8} {'steps':>5} {'s/step':>8} {'data wait':>9} "
-                 f"{'peak GPU':>9} {'peak RSS':>9} {'saved act.':>10}  note")
+    cfg, cuda, e, rec = result["configured"], result["mode"] == "cuda", result.get("expected"), result["recommended"]
+    lines = [f"autotune {result['date']}: "
+             + ("MEASURED (CUDA, out-of-memory search)" if cuda else "ESTIMATED (CPU, no out-of-memory search)"),
+             f"  device {result['device']} ({result['device_name']}), amp {'bf16' if cfg['amp'] and cuda else 'off'}, "
+             f"patch_size {cfg['patch_size']}, configured batch_size {cfg['batch_size']}, num_workers {cfg['num_workers']}, "
+             f"prefetch {cfg['prefetch']}; {result['tuning_volumes']} training volume(s) read", "",
+             f"  {'trial':<7} {'batch':>5} {'workers':>7} {'prefetch':>8} {'steps':>5} {'s/step':>8} {'data wait':>9} "
+             f"{'peak GPU':>9} {'peak RSS':>9} {'saved act.':>10}  note"]
     for t in result["trials"]:
         wait = "-" if t.get("data_wait_fraction") is None else f"{100 * t['data_wait_fraction']:.1f} %"
         step = "-" if t.get("step_s") is None else f"{t['step_s']:.3f}"
-        lines.append(f"  {t['kind']:<7} {t['batch_size']:>5} {t['num_workers']:>7} {t['prefetch']:>8} {t.get('steps', 0):>5} {step:>8} "
-                     f"{wait:>9} {_fmt_gb(t.get('peak_gpu_bytes')):>9} {_fmt_gb(t.get('peak_rss_bytes')):>9} "
+        lines.append(f"  {t['kind']:<7} {t['batch_size']:>5} {t['num_workers']:>7} {t['prefetch']:>8} {t.get('steps', 0):>5} "
+                     f"{step:>8} {wait:>9} {_fmt_gb(t.get('peak_gpu_bytes')):>9} {_fmt_gb(t.get('peak_rss_bytes')):>9} "
                      f"{_fmt_gb(t.get('saved_bytes')):>10}  {t.get('note', '')}")
-    lines.append("")
-    mem = result.get("memory", {})
-    if mem.get("summary"):
-        lines.append(f"  memory: {mem['summary']}")
-    lo = result.get("loader", {})
-    if lo.get("reason"):
-        lines.append(f"  loader: {lo['reason']}")
-    rec = result["recommended"]
-    lines.append("")
-    lines.append("  recommended overrides:")
+    lines += [""] + [f"  {k}: {s}" for k, s in (("memory", result.get("memory", {}).get("summary")),
+                                                  ("loader", result.get("loader", {}).get("reason"))) if s]
     words = ["python -m monai.bundle run training --config_file", result["config_file_arg"]]
-    words += [f"--{k} {_cli_value(v)}" for k, v in result.get("user_overrides", {}).items() if k not in rec]
-    lines.append("    " + " ".join(words + [result["recommended_cli"]]))
-    lines.append(f"    JSON: {json.dumps(rec)}")
-    e = result.get("expected")
-    lines.append("")
-    if e:
-        lines.append(f"  expected ({result['expected_basis']}):")
-        lines.append(f"    per step   {_fmt_s(e['step_s'])}")
-        lines.append(f"    per epoch  {_fmt_s(e['epoch_s'])} ({cfg['iterations_per_epoch']} iterations)")
-        lines.append(f"    training   {_fmt_s(e['train_s'])} ({cfg['epochs']} epochs)")
-        if e["validations"] == 0:
-            lines.append("    validation none (val_interval > epochs, or no validation volumes)")
-        elif e["val_s"] is None:
-            lines.append(f"    validation not estimated ({result.get('validation', {}).get('note', '')}); "
-                         f"{e['validations']} validations come on top")
-        else:
-            lines.append(f"    validation {_fmt_s(e['val_total_s'])} ({e['validations']} x {_fmt_s(e['val_s'])}: "
-                         f"{result['validation']['note']})")
-        lines.append(f"    whole run  {_fmt_s(e['total_s'])}{'' if e['validation_included'] else ' (training only)'}")
-    else:
+    words += [f"--{k} {shlex.quote(v if isinstance(v, str) else json.dumps(v, separators=(',', ':')))}"
+              for k, v in result.get("user_overrides", {}).items() if k not in rec]
+    lines += ["", "  recommended overrides:", "    " + " ".join(words + [result["recommended_cli"]]),
+              f"    JSON: {json.dumps(rec)}", ""]
+    if not e:
         lines.append("  expected time: not measured (no trial ran; see the notes)")
-    for n in result.get("notes", []):
-        lines.append(f"  note: {n}")
-    return "\n".join(lines)
+    else:
+        val = ("none (val_interval > epochs, or no validation volumes)" if e["validations"] == 0 else
+               f"not estimated ({result.get('validation', {}).get('note', '')}); {e['validations']} validations come on top"
+               if e["val_s"] is None else
+               f"{_fmt_s(e['val_total_s'])} ({e['validations']} x {_fmt_s(e['val_s'])}: {result['validation']['note']})")
+        lines += [f"  expected ({result['expected_basis']}):", f"    per step   {_fmt_s(e['step_s'])}",
+                  f"    per epoch  {_fmt_s(e['epoch_s'])} ({cfg['iterations_per_epoch']} iterations)",
+                  f"    training   {_fmt_s(e['train_s'])} ({cfg['epochs']} epochs)", f"    validation {val}",
+                  f"    whole run  {_fmt_s(e['total_s'])}{'' if e['validation_included'] else ' (training only)'}"]
+    return "\n".join(lines + [f"  note: {n}" for n in result.get("notes", [])])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# config and trials
-# ----------------------------------------------------------------------------------------------------------
-def _make_parser(config_files: Sequence[str], overrides: dict):
+def _make_parser(config_files: Sequence[str], overrides: dict) -> ConfigParser:
     """A ``ConfigParser`` as ``monai.bundle run`` makes it: the files merged in order, then ``overrides``."""
-    from monai.bundle import ConfigParser
-
     for f in config_files:
         if not os.path.isfile(f):
             raise ValueError(f"config_file '{f}' does not exist.")
@@ -360,243 +230,105 @@ def _make_parser(config_files: Sequence[str], overrides: dict):
     return parser
 
 
-def _value(parser, key: str, default=None):
-    """The evaluated value of config id ``key``, ``default`` when the config has no such id."""
-    if key not in parser:
-        return default
-    return parser.get_parsed_content(key)
-
-
 def _root_error(e: BaseException) -> BaseException:
     """The innermost ValueError of an exception chain (MONAI wraps config errors in RuntimeError), else ``e``."""
     seen, cur, found = set(), e, None
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        if isinstance(cur, ValueError):
-            found = cur
-        cur = cur.__cause__ or cur.__context__
+        found, cur = cur if isinstance(cur, ValueError) else found, cur.__cause__ or cur.__context__
     return found or e
 
 
-def _handler_refs(parser, trainer_id: str) -> list[str]:
-    """References to the trainer's handlers that work per iteration and write no file (``SAFE_HANDLERS``).
-
-    ``train_handlers`` may be a list, a reference to one, or an expression joining references
-    (``"$[@train#checkpoint_resumer] + @train#handlers + [@train#checkpoint_saver]"``): every referenced
-    list is scanned item by item, every referenced component on its own.
-    """
-    import re
-
+def _handler_refs(parser: ConfigParser, trainer_id: str) -> list[str]:
+    """References to the trainer's ``SAFE_HANDLERS``; ``train_handlers`` may be a list or an expression joining
+    references (``"$[@train#checkpoint_resumer] + @train#handlers"``), each referenced list scanned item by item."""
     key = f"{trainer_id}#train_handlers"
     raw = parser.get(key)
-    if isinstance(raw, list):
-        sources = [key]
-    elif isinstance(raw, str):
-        sources = re.findall(r"@([\w#]+)", raw)
-    else:
-        return []
-
-    def safe(h) -> bool:
-        target = h.get("_target_", "") if isinstance(h, dict) else ""
-        return isinstance(target, str) and target.rsplit(".", 1)[-1] in SAFE_HANDLERS
-
+    sources = [key] if isinstance(raw, list) else re.findall(r"@([\w#]+)", raw) if isinstance(raw, str) else []
+    safe = lambda h: isinstance(h, dict) and str(h.get("_target_", "")).rsplit(".", 1)[-1] in SAFE_HANDLERS  # noqa: E731
     refs = []
-    for src in sources:
-        item = parser.get(src)
-        if isinstance(item, list):
-            refs += [f"@{src}#{i}" for i, h in enumerate(item) if safe(h)]
-        elif safe(item):
-            refs.append(f"@{src}")
+    for src, item in ((src, parser.get(src)) for src in sources):
+        refs += [f"@{src}#{i}" for i, h in enumerate(item) if safe(h)] if isinstance(item, list) else [f"@{src}"] * safe(item)
     return refs
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def _available_bytes() -> int:
-    """MemAvailable of /proc/meminfo (memory the kernel can give without swapping), else physical memory."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-class _RssSampler:
-    """Peak resident memory of this process while the ``with`` block runs (sampled every 5 ms)."""
-
-    def __enter__(self):
-        self.peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss_bytes())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-        return False
+def _rss_bytes(reset: bool = False) -> int:
+    """Peak resident memory of this process (``getrusage``); ``reset`` first lowers the peak to the current RSS
+    (Linux >= 4.0, ``clear_refs`` 5), so that call reads the current RSS and later ones the peak from there on."""
+    if reset:
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 class _SavedBytes:
-    """Bytes autograd keeps for backward (unique storages packed by ``saved_tensors_hooks``), per step."""
+    """Bytes autograd keeps for backward (unique storages packed by ``saved_tensors_hooks``): ``step_bytes`` since the
+    last ``reset`` (each ``ITERATION_STARTED`` of a trial), ``peak`` the largest step's before it."""
 
     def __init__(self):
-        self.step_bytes = 0
-        self._seen: set = set()
+        self.peak, self.step_bytes, self.seen = 0, 0, set()
 
-    def reset(self):
-        self.step_bytes, self._seen = 0, set()
+    def reset(self, engine=None) -> None:
+        self.peak, self.step_bytes, self.seen = max(self.peak, self.step_bytes), 0, set()
 
-    def pack(self, t):
-        try:
-            s = t.untyped_storage()
-            key, nbytes = (t.device.type, s.data_ptr()), s.nbytes()
-        except (RuntimeError, NotImplementedError):
-            key, nbytes = ("id", id(t)), t.numel() * t.element_size()
-        if t.device.type == "meta":
-            key, nbytes = ("id", id(t)), t.numel() * t.element_size()
-        if key not in self._seen:
-            self._seen.add(key)
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key, nbytes = ("id", id(t)), t.numel() * t.element_size()
+        if t.device.type != "meta":
+            with contextlib.suppress(RuntimeError, NotImplementedError):
+                key, nbytes = (t.device.type, t.untyped_storage().data_ptr()), t.untyped_storage().nbytes()
+        if key not in self.seen:
+            self.seen.add(key)
             self.step_bytes += nbytes
         return t
 
     def hooks(self):
-        import torch
-
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-
-
-class _StepRecorder:
-    """Per-iteration data wait and step time (``GET_BATCH_STARTED`` -> ``ITERATION_COMPLETED``), the mean
-    phases of the trainer's ``step_timer`` over the measured steps (restarted after the warm-up, read once at
-    the end) and saved-tensor bytes; ends the run at ``deadline`` once a measured step is in."""
-
-    def __init__(self, warmup: int, deadline: float, saved: _SavedBytes | None = None):
-        self.warmup, self.deadline, self.saved = int(warmup), float(deadline), saved
-        self.steps: list[dict] = []
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.GET_BATCH_STARTED, self._batch_started)
-        engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._batch_completed)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._completed)
-
-    def _batch_started(self, engine):
-        self.t0 = time.perf_counter()
-        if self.saved is not None:
-            self.saved.reset()
-
-    def _batch_completed(self, engine):
-        self.wait = time.perf_counter() - self.t0
-
-    def _completed(self, engine):
-        now = time.perf_counter()
-        self.timer = getattr(engine, "step_timer", None)
-        self.steps.append({"total": now - self.t0, "wait": self.wait,
-                           "saved": self.saved.step_bytes if self.saved is not None else None})
-        if len(self.steps) == self.warmup and self.timer is not None:
-            self.timer.reset()
-        if time.time() > self.deadline:  # out of time: stop after this step (warm-up only, if need be)
-            engine.terminate()
-
-    def summary(self) -> dict:
-        measured = self.steps[self.warmup:] or self.steps
-        if not measured:
-            return {"steps": 0, "step_s": None, "data_wait_fraction": None, "parts": {}, "warmup_only": True}
-        total = sum(s["total"] for s in measured)
-        timer = getattr(self, "timer", None)
-        parts = {k: v / len(timer) for k, v in timer.totals().items()} if timer is not None and len(timer) else {}
-        saved = [s["saved"] for s in self.steps if s["saved"] is not None]
-        return {
-            "steps": len(measured),
-            "step_s": total / len(measured),
-            "data_wait_fraction": sum(s["wait"] for s in measured) / max(total, 1e-12),
-            "parts": parts,
-            "warmup_only": len(self.steps) <= self.warmup,
-            "first_step_s": self.steps[0]["total"],
-            "saved_bytes": max(saved) if saved else None,
-        }
 
 
 class _Tuner:
     """Holds the config and runs trials (each a fresh parse of the config; see the module docstring)."""
 
     def __init__(self, config_files: Sequence[str], overrides: dict, deadline: float, volumes: int = 4):
-        import torch
-
-        self.config_files = list(config_files)
-        self.user_overrides = dict(overrides)
-        self.deadline = deadline
-        base = _make_parser(self.config_files, {**self.user_overrides, "overwrite": True})
-        self.trainer_id = "train#trainer"
-        if self.trainer_id not in base:
-            raise ValueError(f"the config ({', '.join(self.config_files)}) has no '{self.trainer_id}' to tune.")
-        get = lambda k, d=None: _value(base, k, d)  # noqa: E731
-        self.cfg = {
-            "patch_size": [int(s) for s in get("patch_size")],
-            "batch_size": int(get("batch_size", 2)),
-            "num_workers": int(get("num_workers", 0)),
-            "prefetch": int(get("prefetch", 2)),
-            "device": str(get("device", "cpu")),
-            "amp": bool(get("amp", False)),
-            "epochs": int(get("epochs", 1)),
-            "iterations_per_epoch": int(get("iterations_per_epoch", 1)),
-            "val_interval": int(get("val_interval", 0) or 0),
-            "val_max_volumes": get("val_max_volumes", None),
-            "max_levels": int(get("max_levels", 6)),
-            "topology_every_n": int(get("topology_every_n", 1) or 1),
-        }
         from custom_components.training.workflow import check_settings
 
+        self.config_files, self.user_overrides, self.deadline = list(config_files), dict(overrides), deadline
+        base, self.trainer_id = _make_parser(self.config_files, {**self.user_overrides, "overwrite": True}), "train#trainer"
+        if self.trainer_id not in base:
+            raise ValueError(f"the config ({', '.join(self.config_files)}) has no '{self.trainer_id}' to tune.")
+        get = lambda k, d=None: base.get_parsed_content(k) if k in base else d  # noqa: E731
+        ints = {"batch_size": 2, "num_workers": 0, "prefetch": 2, "epochs": 1, "iterations_per_epoch": 1,
+                "val_interval": 0, "max_levels": 6, "topology_every_n": 1}
+        c = self.cfg = {"patch_size": [int(s) for s in get("patch_size")], "device": str(get("device", "cpu")),
+                        "amp": bool(get("amp", False)), "val_max_volumes": get("val_max_volumes"),
+                        **{k: int(d if (v := get(k)) is None else v) for k, d in ints.items()}}
         try:
-            check_settings(self.cfg["patch_size"], self.cfg["batch_size"], self.cfg["device"], self.cfg["epochs"],
-                           self.cfg["iterations_per_epoch"], self.cfg["max_levels"])
+            check_settings(c["patch_size"], c["batch_size"], c["device"], c["epochs"], c["iterations_per_epoch"],
+                           c["max_levels"])
         except ValueError as e:
             raise ValueError(f"{e} (config: {' + '.join(self.config_files)})") from e
-        self.device = torch.device(self.cfg["device"])
+        self.device = torch.device(c["device"])
         self.cuda = self.device.type == "cuda"
         self.handler_refs = _handler_refs(base, self.trainer_id)
         self.determinism = [f"initialize#{i}" for i, x in enumerate(base.get("initialize", []) or [])
                             if isinstance(x, str) and "set_determinism" in x]
+        self.val_entries, self.tuning_volumes, self.total_volumes = [], 0, 0
         if "preflight" in base:
             pre = base.get_parsed_content("preflight")
-            volumes = max(1, int(volumes))
-            _STORE["preflight"] = {**pre, "train": list(pre["train"])[:volumes]}
-            self.val_entries = list(pre.get("val", []))
-            if self.cfg["val_max_volumes"]:
-                self.val_entries = self.val_entries[: int(self.cfg["val_max_volumes"])]
-            self.tuning_volumes = len(_STORE["preflight"]["train"])
-            self.total_volumes = len(pre["train"])
-        else:
-            self.val_entries, self.tuning_volumes, self.total_volumes = [], 0, 0
+            _STORE["preflight"] = {**pre, "train": list(pre["train"])[: max(1, int(volumes))]}
+            self.val_entries = list(pre.get("val", []))[: int(c["val_max_volumes"]) if c["val_max_volumes"] else None]
+            self.tuning_volumes, self.total_volumes = len(_STORE["preflight"]["train"]), len(pre["train"])
         del base
         gc.collect()
 
     def time_left(self) -> float:
         return self.deadline - time.time()
 
-    def _parser(self, batch_size: int, num_workers: int, prefetch: int, steps: int):
+    def _parser(self, batch_size: int, num_workers: int, prefetch: int, warmup: int, steps: int) -> ConfigParser:
+        """The config at these settings: the trainer runs an epoch of ``warmup`` steps (if any), then ``steps``."""
+        t = self.trainer_id
         o = {**self.user_overrides, "batch_size": int(batch_size), "num_workers": int(num_workers),
-             "prefetch": int(prefetch), "overwrite": True,
-             f"{self.trainer_id}#max_epochs": 1, f"{self.trainer_id}#epoch_length": int(steps),
-             f"{self.trainer_id}#train_handlers": list(self.handler_refs)}
+             "prefetch": int(prefetch), "overwrite": True, f"{t}#max_epochs": 2 if warmup else 1,
+             f"{t}#epoch_length": int(warmup or steps), f"{t}#train_handlers": list(self.handler_refs)}
         if "preflight" in _STORE:
             o["preflight"] = "$custom_components.training.autotune._STORE['preflight']"
         parser = _make_parser(self.config_files, o)
@@ -604,71 +336,63 @@ class _Tuner:
             parser.get_parsed_content(key)
         return parser
 
+    def _end_epoch_past_deadline(self, engine) -> None:
+        if time.time() > self.deadline:  # the measured epoch then ends after its first step
+            engine.terminate_epoch()
+
     def trial(self, kind: str, batch_size: int, num_workers: int, prefetch: int, warmup: int, steps: int,
               host_memory: bool = False, after: Callable | None = None) -> dict:
-        """One trial: build the trainer from the config at these settings, run ``warmup + steps`` iterations."""
-        import torch
-
+        """One trial: the trainer built from the config at these settings runs ``warmup`` steps, then ``steps``."""
         rec = {"kind": kind, "batch_size": int(batch_size), "num_workers": int(num_workers), "prefetch": int(prefetch),
                "oom": False}
         parser = trainer = quiet = None
-        quiet_level = logging.NOTSET
-        saved = _SavedBytes() if host_memory else None
-        recorder = _StepRecorder(warmup, self.deadline, saved)
-        t_start = time.time()
+        saved, t_start = _SavedBytes() if host_memory else None, time.time()
         try:
-            parser = self._parser(batch_size, num_workers, prefetch, warmup + steps)
+            parser = self._parser(batch_size, num_workers, prefetch, warmup, steps)
             trainer = parser.get_parsed_content(self.trainer_id)
-            quiet = logging.getLogger(trainer.logger.name)
-            quiet_level = quiet.level
+            quiet, level = trainer.logger, trainer.logger.level
             quiet.setLevel(logging.ERROR)  # no per-epoch chatter from the handlers
-            recorder.attach(trainer)
+            ThroughputHandler(batch_size).attach(trainer)
+            trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: setattr(e.state, "epoch_length", steps))
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, self._end_epoch_past_deadline)
+            if saved is not None:
+                trainer.add_event_handler(Events.ITERATION_STARTED, saved.reset)
             if self.cuda:
                 torch.cuda.synchronize(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
-            rss0 = _rss_bytes()
-            with _RssSampler() as rss:
-                if saved is not None:
-                    with saved.hooks():
-                        trainer.run()
-                else:
-                    trainer.run()
-            rec.update(recorder.summary())
-            rec["peak_rss_bytes"] = rss.peak
-            rec["rss_before_bytes"] = rss0
-            self._trial_stats(parser, trainer, recorder, rec)
+            rec["rss_before_bytes"] = _rss_bytes(reset=True)
+            with saved.hooks() if saved is not None else contextlib.nullcontext():
+                trainer.run()
+            rec["peak_rss_bytes"] = _rss_bytes()
+            self._trial_stats(trainer, rec, saved)
             if after is not None:
                 after(parser, trainer, rec)
         except Exception as e:  # noqa: BLE001
             if not _is_oom(e):
                 raise
-            rec["oom"] = True
-            rec["note"] = "out of memory"
-            rec.update({k: v for k, v in recorder.summary().items() if k not in rec})
+            rec.update(oom=True, note="out of memory")
         finally:
             if quiet is not None:
-                quiet.setLevel(quiet_level)
-            it = getattr(trainer, "_dataloader_iter", None) if trainer is not None else None
-            if it is not None and hasattr(it, "close"):
-                try:
-                    it.close()
-                except Exception:  # noqa: BLE001 - shutting a loader down must not hide the result
-                    pass
-            del it, trainer, parser
+                quiet.setLevel(level)
+            del trainer, parser  # ignite drops its loader iterator at the end of a run or on an error: the buffer stops
             gc.collect()
             if self.cuda:
                 torch.cuda.synchronize(self.device)
-                rec["peak_gpu_bytes"] = rec.get("peak_gpu_bytes", int(torch.cuda.max_memory_allocated(self.device)))
+                rec.setdefault("peak_gpu_bytes", int(torch.cuda.max_memory_allocated(self.device)))
                 torch.cuda.empty_cache()
         rec["wall_s"] = time.time() - t_start
         return rec
 
-    def _trial_stats(self, parser, trainer, recorder: _StepRecorder, rec: dict) -> None:
-        """Peak GPU memory, parameter / optimiser-state bytes, whether a topology step was measured (into ``rec``).
-
-        A method of its own so that its references to the network and optimiser end with it."""
-        import torch
-
+    def _trial_stats(self, trainer, rec: dict, saved: _SavedBytes | None) -> None:
+        """Into ``rec``: the measured epoch by ``ThroughputHandler`` (mean step, data wait, ``step_times``), peak GPU
+        memory, parameter / optimiser-state bytes, whether a topology step was measured (the references end here)."""
+        m, n = trainer.state.metrics, len(trainer.step_timer)
+        if n and m.get("throughput/samples_per_s"):
+            rec.update(steps=n, step_s=rec["batch_size"] / m["throughput/samples_per_s"],
+                       data_wait_fraction=m["throughput/data_wait"], parts=dict(getattr(trainer.state, "step_times", {})))
+        if saved is not None:
+            saved.reset()
+            rec["saved_bytes"] = saved.peak or None
         if self.cuda:
             rec["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
             rec["peak_gpu_reserved_bytes"] = int(torch.cuda.max_memory_reserved(self.device))
@@ -676,95 +400,66 @@ class _Tuner:
         rec["optimizer_state_bytes"] = sum(v.numel() * v.element_size() for st in trainer.optimizer.state.values()
                                            for v in st.values() if torch.is_tensor(v))
         terms = getattr(trainer.loss_function, "terms", None)
-        topo = terms["topology"] if terms is not None and "topology" in terms else None
-        if topo is not None and rec.get("steps"):
-            every = int(getattr(topo, "every_n", 1))
-            done = len(recorder.steps)
-            rec["topology_in_measured"] = any((c - 1) % every == 0 for c in range(done - rec["steps"] + 1, done + 1))
+        if terms is not None and "topology" in terms and n:
+            every, done = int(getattr(terms["topology"], "every_n", 1)), int(trainer.state.iteration)
+            rec["topology_in_measured"] = any((c - 1) % every == 0 for c in range(done - n + 1, done + 1))
 
     def meta_estimate(self, batch_size: int = 1) -> dict:
-        """Memory of batch ``batch_size`` without allocating it: parameters and the bytes autograd saves in the
-        network's forward, run on the ``meta`` device (the loss and augmentation are not included)."""
-        import torch
-
-        parser = self._parser(batch_size, 0, 2, 1)
-        net = parser.get_parsed_content("network_def")
-        params = sum(p.numel() * p.element_size() for p in net.parameters())
-        out = {"param_bytes": params, "forward_saved_bytes": None}
+        """Parameter bytes and the bytes autograd saves in the network's forward at ``batch_size``, run on the
+        ``meta`` device (nothing allocated; loss and augmentation not included)."""
+        net = self._parser(batch_size, 0, 2, 0, 1).get_parsed_content("network_def")
+        out, saved = {"param_bytes": sum(p.numel() * p.element_size() for p in net.parameters())}, _SavedBytes()
         try:
-            meta = copy.deepcopy(net).to("meta")
-            meta.train()
-            saved = _SavedBytes()
-            x = torch.empty(int(batch_size), 1, *self.cfg["patch_size"], device="meta")
             with saved.hooks():
-                meta(x)
+                net.to("meta").train()(torch.empty(int(batch_size), 1, *self.cfg["patch_size"], device="meta"))
             out["forward_saved_bytes"] = saved.step_bytes
         except Exception as e:  # noqa: BLE001 - an op without a meta kernel: no estimate, say so
-            out["error"] = f"{type(e).__name__}: {e}"
-        del parser, net
-        gc.collect()
+            out.update(forward_saved_bytes=None, error=f"{type(e).__name__}: {e}")
         return out
 
-    def val_forward_s(self, parser, trainer, rec) -> None:
+    def val_forward_s(self, parser: ConfigParser, trainer, rec: dict) -> None:
         """Seconds of one validation forward of ``val_sw_batch_size`` windows (eval, no grad), into ``rec``."""
-        import torch
-
         if "validate#inferer" not in parser:
             rec["val_note"] = "the config has no validate#inferer"
             return
-        inferer = parser.get_parsed_content("validate#inferer")
+        inferer, amp_key = parser.get_parsed_content("validate#inferer"), "validate#evaluator#amp"
         roi = [int(r) for r in getattr(inferer, "roi_size", self.cfg["patch_size"])]
-        sw = int(getattr(inferer, "sw_batch_size", 1))
-        overlap = getattr(inferer, "overlap", 0.25)
+        sw, overlap = int(getattr(inferer, "sw_batch_size", 1)), getattr(inferer, "overlap", 0.25)
         overlap = float(overlap[0] if isinstance(overlap, (list, tuple)) else overlap)
-        amp = bool(_value(parser, "validate#evaluator#amp", self.cfg["amp"] and self.cuda)) and self.cuda
+        amp = self.cuda and bool(parser.get_parsed_content(amp_key) if amp_key in parser else self.cfg["amp"])
         # a training forward (with grad) of the same windows bounds the cost; time it only if the budget allows
         guess = float(rec.get("parts", {}).get("forward", 0.0)) * sw / max(int(rec["batch_size"]), 1)
         runs = 4 if 4 * guess < self.time_left() else 2 if 2 * guess < self.time_left() else 0
         if runs == 0:
             rec["val_note"] = f"validation forward not timed: about {guess:.0f} s each, past --max_minutes"
             return
-        net = trainer.network
-        net.eval()
-        x = torch.zeros(sw, 1, *roi, device=self.device)
-        times = []
+        net, x, times = trainer.network.eval(), torch.zeros(sw, 1, *roi, device=self.device), []
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             for _ in range(runs):  # one warm-up, then the median of the rest
-                if self.cuda:
-                    torch.cuda.synchronize(self.device)
+                torch.cuda.synchronize(self.device) if self.cuda else None
                 t = time.perf_counter()
                 net(x)
-                if self.cuda:
-                    torch.cuda.synchronize(self.device)
+                torch.cuda.synchronize(self.device) if self.cuda else None
                 times.append(time.perf_counter() - t)
         net.train()
-        rest = sorted(times[1:])
-        rec["val_forward_s"] = rest[len(rest) // 2]
-        rec["val_roi"], rec["val_sw_batch_size"], rec["val_overlap"] = roi, sw, overlap
+        rec.update(val_forward_s=sorted(times[1:])[(runs - 1) // 2], val_roi=roi, val_sw_batch_size=sw, val_overlap=overlap)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the two procedures
-# ----------------------------------------------------------------------------------------------------------
 def _steps_for(tuner: _Tuner, requested: int | None, cap: int) -> int:
-    """Measured steps per timing trial: one topology period (``topology_every_n``) so its cost is amortised, capped."""
-    if requested:
-        return max(1, int(requested))
-    return max(2, min(int(tuner.cfg["topology_every_n"] or 1), cap))
+    """Measured steps per timing trial: one topology period (``topology_every_n``), capped, so its cost is amortised."""
+    return max(1, int(requested)) if requested else max(2, min(int(tuner.cfg["topology_every_n"] or 1), cap))
 
 
 def _loader_search(tuner: _Tuner, batch: int, steps: int, trials: list, measured: dict, validate: list) -> dict:
-    """Try loader settings cheapest first at ``batch`` until one keeps data wait under 5 % (or time runs out)."""
-    cands = loader_candidates(os.cpu_count() or 1, (tuner.cfg["num_workers"], tuner.cfg["prefetch"]))
-    for w, p in cands:
+    """Loader settings tried cheapest first at ``batch`` until one keeps data wait under 5 % (or time runs out)."""
+    for w, p in loader_candidates(os.cpu_count() or 1, (tuner.cfg["num_workers"], tuner.cfg["prefetch"])):
         if (w, p) not in measured:
             if measured and tuner.time_left() < 2.5 * max(m["wall_s"] for m in measured.values()):
                 break
-            after = tuner.val_forward_s if not validate else None
-            rec = tuner.trial("loader", batch, w, p, warmup=2 if tuner.cuda else 1, steps=steps, after=after)
+            rec = tuner.trial("loader", batch, w, p, warmup=2 if tuner.cuda else 1, steps=steps,
+                              after=tuner.val_forward_s if not validate else None)
             trials.append(rec)
-            if rec.get("val_forward_s") is not None:
-                validate.append(rec)
+            validate += [rec] if rec.get("val_forward_s") is not None else []
             if rec["oom"] or rec.get("step_s") is None:
                 continue
             measured[(w, p)] = rec
@@ -776,105 +471,84 @@ def _loader_search(tuner: _Tuner, batch: int, steps: int, trials: list, measured
 
 
 def _tune_cuda(tuner: _Tuner, args, trials: list, notes: list) -> tuple[int, dict, dict]:
-    import torch
-
     total = torch.cuda.get_device_properties(tuner.device).total_memory
-    budget = args.memory_fraction * total
+    budget, pct, gb = args.memory_fraction * total, f"{100 * args.memory_fraction:.0f} %", total / 2**30
 
     def fits(b: int) -> bool:
         rec = tuner.trial("batch", b, tuner.cfg["num_workers"], tuner.cfg["prefetch"], warmup=0, steps=2)
         rec["fits"] = (not rec["oom"]) and rec.get("peak_gpu_bytes", 0) <= budget
-        if not rec["oom"]:
-            rec["note"] = "fits" if rec["fits"] else f"over {100 * args.memory_fraction:.0f} % of {total / 2**30:.0f} GB"
+        rec.update({} if rec["oom"] else {"note": "fits" if rec["fits"] else f"over {pct} of {gb:.0f} GB"})
         trials.append(rec)
         return rec["fits"]
 
     half = 0.5 * max(tuner.time_left(), 0.0)  # the batch search may use half of the time left, the loader the rest
-    reserve = lambda: tuner.time_left() < half  # noqa: E731
-    best = search_largest_batch(fits, start=1, limit=args.max_batch, out_of_time=reserve,
+    best = search_largest_batch(fits, start=1, limit=args.max_batch, out_of_time=lambda: tuner.time_left() < half,
                                 what=f"at patch_size {tuner.cfg['patch_size']} on {tuner.device} "
-                                     f"({total / 2**30:.0f} GB, amp={tuner.cfg['amp']})")
-    peak = next((t["peak_gpu_bytes"] for t in trials if t["kind"] == "batch" and t["batch_size"] == best), None)
-    failed_above = any(t["kind"] == "batch" and t["batch_size"] > best and not t.get("fits") for t in trials)
-    cut = "" if failed_above or best >= args.max_batch else "; the search ran out of --max_minutes before a batch failed: larger ones were not tried"
+                                     f"({gb:.0f} GB, amp={tuner.cfg['amp']})")
+    tried = [t for t in trials if t["kind"] == "batch"]
+    peak = next((t["peak_gpu_bytes"] for t in tried if t["batch_size"] == best), None)
+    failed_above = any(t["batch_size"] > best and not t.get("fits") for t in tried)
+    cut = "" if failed_above or best >= args.max_batch else \
+        "; the search ran out of --max_minutes before a batch failed: larger ones were not tried"
     mem = {"total_bytes": total, "budget_bytes": budget, "peak_at_best_bytes": peak, "search_cut_by_time": bool(cut),
-           "summary": (f"batch {best} peaks at {_fmt_gb(peak)} of {total / 2**30:.1f} GB (limit {100 * args.memory_fraction:.0f} %)"
-                       + ("; the search stopped at --max_batch" if best >= args.max_batch else cut))}
+           "summary": f"batch {best} peaks at {_fmt_gb(peak)} of {gb:.1f} GB (limit {pct})"
+                      + ("; the search stopped at --max_batch" if best >= args.max_batch else cut)}
     if best < tuner.cfg["batch_size"] and failed_above:
         notes.append(f"the configured batch_size {tuner.cfg['batch_size']} does not fit with the safety margin here")
     elif cut:
         notes.append(f"the largest batch is not known: only up to {best} was tried in the time given (raise --max_minutes)")
-    steps = _steps_for(tuner, args.steps, cap=20)
     validate: list = []
-    loader = _loader_search(tuner, best, steps, trials, {}, validate)
+    loader = _loader_search(tuner, best, _steps_for(tuner, args.steps, cap=20), trials, {}, validate)
     return best, loader, {"memory": mem, "validate": validate}
 
 
 def _tune_cpu(tuner: _Tuner, args, trials: list, notes: list) -> tuple[int, dict | None, dict]:
-    cfg = tuner.cfg
-    usable = _rss_bytes() + _available_bytes()
-    limit = args.memory_fraction * usable
-    est = tuner.meta_estimate(1)
-    mem: dict = {"usable_bytes": usable, "limit_bytes": limit, "meta_estimate_batch1": est}
-    static = 4 * est["param_bytes"]  # weights, gradients, up to two optimiser moments
-    if est.get("forward_saved_bytes") is None:
+    cfg, batch, pct = tuner.cfg, tuner.cfg["batch_size"], f"{100 * args.memory_fraction:.0f} %"
+    usable = _rss_bytes(reset=True) + os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")  # RSS + free memory
+    limit, est = args.memory_fraction * usable, tuner.meta_estimate(1)
+    fwd = est["forward_saved_bytes"]
+    # weights, gradients, up to two optimiser moments; x2.5 the forward's saved bytes: loss terms, augmentation, transients
+    need1 = _rss_bytes(reset=True) + 4 * est["param_bytes"] + 2.5 * (fwd or 0)
+    mem: dict = {"usable_bytes": usable, "limit_bytes": limit, "meta_estimate_batch1": est, "predicted_batch1_bytes": need1}
+    if fwd is None:
         notes.append(f"no meta-device memory estimate ({est.get('error')}); batch 1 runs unchecked")
-        need1 = _rss_bytes() + static
-    else:
-        need1 = _rss_bytes() + static + 2.5 * est["forward_saved_bytes"]  # x2.5: loss terms, augmentation, transients
-    mem["predicted_batch1_bytes"] = need1
-    batch = cfg["batch_size"]
     if need1 > limit:
-        mem["summary"] = (f"batch 1 would need about {_fmt_gb(need1)} (meta-device estimate), over "
-                          f"{100 * args.memory_fraction:.0f} % of the {_fmt_gb(usable)} this process can use: not run")
+        mem["summary"] = (f"batch 1 would need about {_fmt_gb(need1)} (meta-device estimate), over {pct} of the "
+                          f"{_fmt_gb(usable)} this process can use: not run")
         notes.append("no trial ran: the CPU would run out of memory; tune on a GPU or with a smaller patch_size / filters")
         return batch, None, {"memory": mem, "validate": []}
-    steps = _steps_for(tuner, args.steps, cap=5)
-    validate: list = []
-    configured = (cfg["num_workers"], cfg["prefetch"])
-    other = batch if batch != 1 else 2
-    one = tuner.trial("slope", 1, *configured, warmup=1, steps=steps, host_memory=True,
+    steps, validate, measured = _steps_for(tuner, args.steps, cap=5), [], {}
+    conf, other, second = (cfg["num_workers"], cfg["prefetch"]), batch if batch != 1 else 2, None
+    one = tuner.trial("slope", 1, *conf, warmup=1, steps=steps, host_memory=True,
                       after=tuner.val_forward_s if batch == 1 else None)
-    trials.append(one)
-    measured: dict = {}
-    if batch == 1:
-        if one.get("step_s") is not None:
-            measured[configured] = one
-        if one.get("val_forward_s") is not None:
-            validate.append(one)
-    per_sample = float(one.get("saved_bytes") or est.get("forward_saved_bytes") or 0.0)
+    per_sample = float(one.get("saved_bytes") or fwd or 0.0)
     predicted = one["peak_rss_bytes"] + (other - 1) * 1.5 * per_sample
-    second = None
     if predicted > limit:
         notes.append(f"batch {other} not tried: predicted {_fmt_gb(predicted)} > {_fmt_gb(limit)}")
     elif tuner.time_left() < 1.5 * one["wall_s"] * other:
         notes.append(f"batch {other} not tried: --max_minutes left too little time")
     else:
-        second = tuner.trial("slope", other, *configured, warmup=1, steps=steps, host_memory=True,
-                             after=tuner.val_forward_s if not validate else None)
-        trials.append(second)
-        if second.get("val_forward_s") is not None:
-            validate.append(second)
-        if batch == other and second.get("step_s") is not None:
-            measured[configured] = second
-    # memory per sample: the larger of the RSS slope and the autograd-saved bytes per sample
-    if second is not None:
-        slope_rss = (second["peak_rss_bytes"] - one["peak_rss_bytes"]) / (other - 1)
+        second = tuner.trial("slope", other, *conf, warmup=1, steps=steps, host_memory=True,
+                             after=tuner.val_forward_s if one.get("val_forward_s") is None else None)
+    for t in (one, second):
+        if t is not None:
+            trials.append(t)
+            validate += [t] if t.get("val_forward_s") is not None else []
+            measured.update({conf: t} if t["batch_size"] == batch and t.get("step_s") is not None else {})
+            t.update({"note": (t.get("note", "") + " topology step measured").strip()} if t.get("topology_in_measured") else {})
+    if second is not None:  # memory per sample: the largest of the RSS slope and the autograd-saved bytes per sample
         slope_saved = ((second.get("saved_bytes") or 0) - (one.get("saved_bytes") or 0)) / (other - 1)
-        per_sample = max(slope_rss, slope_saved, float(one.get("saved_bytes") or 0), 1.0)
+        per_sample = max((second["peak_rss_bytes"] - one["peak_rss_bytes"]) / (other - 1), slope_saved,
+                         float(one.get("saved_bytes") or 0), 1.0)
         base = second["peak_rss_bytes"] - other * per_sample
     else:
         per_sample = max(per_sample, 1.0)
         base = one["peak_rss_bytes"] - per_sample
-    at_cfg = base + batch * per_sample
-    largest = max(0, int((limit - base) // per_sample))
-    mem.update({"per_sample_bytes": per_sample, "predicted_at_configured_bytes": at_cfg, "largest_batch_estimate": largest})
-    mem["summary"] = (f"peak RSS about {_fmt_gb(at_cfg)} at batch {batch}, at most {_fmt_gb(per_sample)} more per sample "
-                      f"(RSS slope / autograd-saved activations); by that about {largest} samples would fit in "
-                      f"{100 * args.memory_fraction:.0f} % of the {_fmt_gb(usable)} usable here (not tried)")
-    for t in (one, second):
-        if t is not None and t.get("topology_in_measured"):
-            t["note"] = (t.get("note", "") + " topology step measured").strip()
+    at_cfg, largest = base + batch * per_sample, max(0, int((limit - base) // per_sample))
+    mem.update(per_sample_bytes=per_sample, predicted_at_configured_bytes=at_cfg, largest_batch_estimate=largest,
+               summary=f"peak RSS about {_fmt_gb(at_cfg)} at batch {batch}, at most {_fmt_gb(per_sample)} more per sample "
+                       f"(RSS slope / autograd-saved activations); by that about {largest} samples would fit in {pct} "
+                       f"of the {_fmt_gb(usable)} usable here (not tried)")
     loader = None
     if at_cfg > limit:
         notes.append(f"the configured batch_size {batch} would need about {_fmt_gb(at_cfg)} > {_fmt_gb(limit)}: "
@@ -893,72 +567,41 @@ def _tune_cpu(tuner: _Tuner, args, trials: list, notes: list) -> tuple[int, dict
     return batch, loader, {"memory": mem, "validate": validate}
 
 
-def _config_file_arg(files: Sequence[str]) -> str:
-    if len(files) == 1:
-        return files[0]
-    return '"' + "[" + ",".join(f"'{f}'" for f in files) + "]" + '"'
+def _validation(tuner: _Tuner, trials: list, validate: list) -> tuple[dict, float | None]:
+    """The validation estimate (``validation`` of the result) and its seconds, from the first timed forward."""
+    from custom_components.data.io import read_tiff_header
 
-
-def _split_config_files(values: Sequence[str]) -> list[str]:
-    out = []
-    for v in values:
-        v = v.strip()
-        if v.startswith("["):
-            parsed = _literal(v)
-            if not isinstance(parsed, list):
-                raise ValueError(f"--config_file {v} is not a list of paths.")
-            out += [str(x) for x in parsed]
-        else:
-            out.append(v)
-    return out
+    v = validate[0] if validate else None
+    if not tuner.val_entries:
+        return {"note": "no validation volumes"}, 0.0
+    if v is None or v.get("val_forward_s") is None:
+        why = next((t["val_note"] for t in trials if t.get("val_note")), "time ran out or no trial finished")
+        return {"note": f"no validation forward was timed ({why})"}, None
+    shapes = [list(read_tiff_header(e["image"])[0]) for e in tuner.val_entries]
+    val_s = validation_seconds(shapes, v["val_roi"], v["val_overlap"], v["val_sw_batch_size"], v["val_forward_s"])
+    windows = sum(sliding_window_count(s, v["val_roi"], v["val_overlap"]) for s in shapes)
+    return {"volumes": len(shapes), "windows": windows, "forward_s": v["val_forward_s"],
+            "sw_batch_size": v["val_sw_batch_size"], "seconds": val_s,
+            "note": (f"network passes only, {len(shapes)} volume(s), {windows} windows, {v['val_forward_s']:.3f} s per "
+                     f"{v['val_sw_batch_size']} windows; metric and blending not included")}, val_s
 
 
 def run_autotune(config_files: Sequence[str], overrides: dict, args) -> dict:
     """Tune the config (CUDA: measured; CPU: estimated) and return the result dict of the module docstring."""
-    import torch
-
-    t0 = time.time()
+    t0, trials, notes = time.time(), [], []
     tuner = _Tuner(config_files, overrides, deadline=t0 + 60 * float(args.max_minutes), volumes=args.volumes)
-    trials: list = []
-    notes: list = []
     try:
-        if tuner.cuda:
-            batch, loader, extra = _tune_cuda(tuner, args, trials, notes)
-            name = torch.cuda.get_device_name(tuner.device)
-        else:
-            batch, loader, extra = _tune_cpu(tuner, args, trials, notes)
-            name = f"CPU, {torch.get_num_threads()} threads"
+        batch, loader, extra = (_tune_cuda if tuner.cuda else _tune_cpu)(tuner, args, trials, notes)
     finally:
         if tuner.determinism:  # as the run's finalize step does
             from monai.utils import set_determinism
 
             set_determinism(seed=None)
-    cfg = tuner.cfg
-    recommended = {"batch_size": int(batch),
-                   "num_workers": int(loader["num_workers"]) if loader else cfg["num_workers"],
+    cfg, files = tuner.cfg, list(config_files)
+    recommended = {"batch_size": int(batch), "num_workers": int(loader["num_workers"]) if loader else cfg["num_workers"],
                    "prefetch": int(loader["prefetch"]) if loader else cfg["prefetch"]}
-    # validation: network passes over the validation volumes' sliding windows
-    validation: dict = {}
-    val_s = None
-    v = extra["validate"][0] if extra["validate"] else None
-    if not tuner.val_entries:
-        validation["note"] = "no validation volumes"
-        val_s = 0.0
-    elif v is None or v.get("val_forward_s") is None:
-        why = next((t["val_note"] for t in trials if t.get("val_note")), "time ran out or no trial finished")
-        validation["note"] = f"no validation forward was timed ({why})"
-    else:
-        from custom_components.data.io import read_tiff_header
-
-        shapes = [list(read_tiff_header(e["image"])[0]) for e in tuner.val_entries]
-        val_s = validation_seconds(shapes, v["val_roi"], v["val_overlap"], v["val_sw_batch_size"], v["val_forward_s"])
-        windows = sum(sliding_window_count(s, v["val_roi"], v["val_overlap"]) for s in shapes)
-        validation = {"volumes": len(shapes), "windows": windows, "forward_s": v["val_forward_s"],
-                      "sw_batch_size": v["val_sw_batch_size"], "seconds": val_s,
-                      "note": (f"network passes only, {len(shapes)} volume(s), {windows} windows, "
-                               f"{v['val_forward_s']:.3f} s per {v['val_sw_batch_size']} windows; metric and blending not included")}
-    expected = None
-    basis = ""
+    validation, val_s = _validation(tuner, trials, extra["validate"])
+    expected, basis = None, ""
     if loader is not None and loader.get("step_s") is not None:
         expected = estimate_run_time(loader["step_s"], cfg["iterations_per_epoch"], cfg["epochs"], val_s, cfg["val_interval"])
         basis = (f"{'measured' if tuner.cuda else 'measured on this CPU'} at batch {recommended['batch_size']}, "
@@ -970,33 +613,21 @@ def run_autotune(config_files: Sequence[str], overrides: dict, args) -> dict:
     if recommended["batch_size"] != cfg["batch_size"]:
         notes.append("a larger batch means more samples per epoch (iterations_per_epoch x batch_size); "
                      "learning_rate is not rescaled")
-    if not tuner.cuda:
-        notes.append("CPU figures; on a GPU run this again for measured values")
-    cli = " ".join(f"--{k} {v}" for k, v in recommended.items())
-    result = {
-        "mode": "cuda" if tuner.cuda else "cpu",
-        "estimated": not tuner.cuda,
-        "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "device": str(tuner.device),
-        "device_name": name,
-        "config_files": list(config_files),
-        "config_file_arg": _config_file_arg(config_files),
-        "user_overrides": dict(overrides),
-        "configured": cfg,
-        "tuning_volumes": tuner.tuning_volumes,
-        "trials": list(trials),
-        "memory": extra["memory"],
+    notes += [] if tuner.cuda else ["CPU figures; on a GPU run this again for measured values"]
+    return {
+        "mode": "cuda" if tuner.cuda else "cpu", "estimated": not tuner.cuda,
+        "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "device": str(tuner.device),
+        "device_name": torch.cuda.get_device_name(tuner.device) if tuner.cuda else f"CPU, {torch.get_num_threads()} threads",
+        "config_files": files,
+        "config_file_arg": files[0] if len(files) == 1 else '"[' + ",".join(f"'{f}'" for f in files) + ']"',
+        "user_overrides": dict(overrides), "configured": cfg, "tuning_volumes": tuner.tuning_volumes,
+        "trials": list(trials), "memory": extra["memory"],
         "loader": {k: v for k, v in (loader or {}).items()
                    if k in ("num_workers", "prefetch", "data_wait_fraction", "step_s", "meets", "reason")},
-        "recommended": recommended,
-        "recommended_cli": cli,
-        "validation": validation,
-        "expected": expected,
-        "expected_basis": basis,
-        "notes": notes,
+        "recommended": recommended, "recommended_cli": " ".join(f"--{k} {v}" for k, v in recommended.items()),
+        "validation": validation, "expected": expected, "expected_basis": basis, "notes": notes,
         "wall_s": time.time() - t0,
     }
-    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1018,14 +649,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--memory_fraction must be in (0, 1], got {args.memory_fraction}.")
         if args.max_minutes <= 0:
             raise ValueError(f"--max_minutes must be > 0, got {args.max_minutes}.")
-        files = _split_config_files(args.config_file)
-        overrides = parse_overrides(rest)
-        if args.dataset_dir is not None:
-            overrides["dataset_dir"] = args.dataset_dir
-        result = run_autotune(files, overrides, args)
+        files = []
+        for v in args.config_file:  # a list read as fire reads it
+            parsed = fire.parser.DefaultParseValue(v) if v.strip().startswith("[") else [v]
+            if not isinstance(parsed, list):
+                raise ValueError(f"--config_file {v} is not a list of paths.")
+            files += parsed
+        overrides = {**parse_overrides(rest), **({} if args.dataset_dir is None else {"dataset_dir": args.dataset_dir})}
+        result = run_autotune([str(f) for f in files], overrides, args)
     except Exception as e:  # noqa: BLE001 - a config error is reported by name, everything else re-raised
-        root = _root_error(e)
-        if isinstance(root, ValueError):
+        if isinstance(root := _root_error(e), ValueError):
             print(f"autotune: error: {root}", file=sys.stderr)
             return 2
         raise
@@ -1033,8 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         from custom_components.atomic import atomic_write_json
 
-        folder = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         atomic_write_json(args.out, result)
         print(f"  written: {args.out}")
     return 0
