@@ -68,6 +68,57 @@ def test_unreadable_source_skipped_and_counted(data, tmp_path, caplog):
         prepare_cache(more, tmp_path / "c", workers=1, progress=False, min_volumes=3)
 
 
+def _tiny_entries(root, bad=()):
+    from conftest import TINY_TRAIN
+
+    out = [{"id": v, "image": str(root / "train_images" / f"{v}.tif"), "label": str(root / "train_labels" / f"{v}.tif")}
+           for v, _ in TINY_TRAIN]
+    for name in bad:
+        path = root / f"{name}.tif"
+        path.write_bytes(b"not a tiff at all")
+        out.append({"id": name, "image": str(path), "label": str(path)})
+    return out
+
+
+def test_prepare_bar_follows_completion_order_results_entry_order(tiny_dataset, tmp_path, monkeypatch):
+    """The first volume is held until the bar has shown the other two: only a pool read in completion order
+    can show them (with pool.map the bar would wait for the first); the result keeps the entries' order."""
+    from completion_gate import bar_recorder, held
+
+    from custom_components import progress
+    from custom_components.data import prepare
+
+    entries = _tiny_entries(tiny_dataset)  # 1001, 1002, 1003
+    release = str(tmp_path / "release")
+    monkeypatch.setattr(prepare, "prepare_volume", held(prepare.prepare_volume, lambda e, *a: e["id"] == "1001", release))
+    bar = bar_recorder(release, others=["1002", "1003"])
+    monkeypatch.setattr(progress, "tqdm", bar)
+    out = prepare.prepare_cache(entries, tmp_path / "cache", workers=3, progress=True)
+    assert sorted(bar.shown[:2]) == ["1002", "1003"] and bar.shown[2:] == ["1001"]
+    assert [e["id"] for e in out] == ["1001", "1002", "1003"]
+    assert all(os.path.basename(e["cache"]) == e["id"] and e["shape"] == [16, 16, 16] for e in out)
+
+
+def test_prepare_reports_failures_in_entry_order(tiny_dataset, tmp_path, monkeypatch, caplog):
+    """bad_a (entry 4) is held until bad_b (entry 5) and the good volumes have finished; the warnings and the
+    error still name bad_a first, as with the submission-ordered pool."""
+    from completion_gate import bar_recorder, held
+
+    from custom_components import progress
+    from custom_components.data import prepare
+
+    entries = _tiny_entries(tiny_dataset, bad=("bad_a", "bad_b"))
+    release = str(tmp_path / "release")
+    monkeypatch.setattr(prepare, "prepare_volume", held(prepare.prepare_volume, lambda e, *a: e["id"] == "bad_a", release))
+    bar = bar_recorder(release, others=["1001", "1002", "1003", "bad_b"])
+    monkeypatch.setattr(progress, "tqdm", bar)
+    with pytest.raises(ValueError, match=r"only 3 of 5 volumes could be prepared \(need 5\): .*bad_a\.tif.*; .*bad_b\.tif"):
+        prepare.prepare_cache(entries, tmp_path / "cache", workers=5, min_volumes=5)
+    assert bar.shown[-1] == "bad_a"
+    skipped = [r.getMessage() for r in caplog.records if "skipped volume" in r.getMessage()]
+    assert len(skipped) == 2 and "bad_a.tif" in skipped[0] and "bad_b.tif" in skipped[1]
+
+
 def test_patches_depend_only_on_seed_epoch_index(prepared):
     _, entries = prepared
     ds = PatchDataset(entries, [16, 16, 16], margin=2, samples_per_epoch=4, seed=3)

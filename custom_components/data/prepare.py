@@ -8,8 +8,9 @@ its ``meta.json`` exists and every array matches the shape and dtype it records.
 to a temporary file, fsynced and renamed, so a crash never leaves a file that looks complete.
 
 Nothing that depends only on the label is computed again in the training loop. The step is parallel
-(process pool), resumable (complete volumes are skipped), shows a progress bar, and reports by name,
-skips and counts sources that cannot be read.
+(process pool), resumable (complete volumes are skipped), shows a progress bar that moves as volumes
+finish (completion order, ``custom_components.progress``), and reports by name, skips and counts sources
+that cannot be read; the returned entries and the reports keep the order of the entries.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 from custom_components.atomic import atomic_write_json
+from custom_components.progress import advance, progress_bar
 
 __all__ = ["CACHE_VERSION", "prepare_cache", "prepare_volume", "open_cached", "is_complete", "CacheError"]
 
@@ -174,20 +175,24 @@ def prepare_cache(
     failures: dict[str, str] = {}
     if todo:
         jobs = [(e, str(cache_dir), settings) for e in todo]
-        bar = tqdm(total=len(jobs), desc=f"prepare cache ({len(entries) - len(todo)} already cached)", disable=not progress)
-        if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
-                for vid, _, err in pool.map(_prepare_one, jobs):
+        desc = f"prepare cache ({len(entries) - len(todo)} already cached)"
+        with progress_bar(len(jobs), desc, progress) as bar:
+            if workers > 1 and len(jobs) > 1:
+                with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+                    futures = [pool.submit(_prepare_one, job) for job in jobs]
+                    for f in as_completed(futures):  # the bar moves as volumes finish, whatever their order
+                        vid, _, err = f.result()
+                        if err:
+                            failures[str(vid)] = err
+                        advance(bar, vid)
+            else:
+                for job in jobs:
+                    vid, _, err = _prepare_one(job)
                     if err:
                         failures[str(vid)] = err
-                    bar.update(1)
-        else:
-            for job in jobs:
-                vid, _, err = _prepare_one(job)
-                if err:
-                    failures[str(vid)] = err
-                bar.update(1)
-        bar.close()
+                    advance(bar, vid)
+        order = {str(e["id"]): i for i, e in enumerate(entries)}
+        failures = dict(sorted(failures.items(), key=lambda kv: order[kv[0]]))  # reported in entry order
     for msg in failures.values():
         logger.warning("skipped volume, cannot be prepared: %s", msg)
     out = []
