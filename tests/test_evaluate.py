@@ -116,3 +116,45 @@ def test_compare_postprocessing(folders, tmp_path, capsys):
     assert rows[0]["score_diff"] == pytest.approx(0.0) and rows[1]["score_diff"] == pytest.approx(0.35)
     assert all(r["score_post"] == pytest.approx(1.0) for r in rows)
     assert "score_diff" in capsys.readouterr().out and (tmp_path / "cmp.csv").exists()
+
+
+def test_truncated_tiff_named_before_any_scoring(folders, monkeypatch, capsys):
+    """A prediction cut short by 100 bytes (a broken copy) still shows tifffile a (12, 12, 12) series, so a
+    plain header read passes it; io's checked reader names it and nothing is scored."""
+    pred_dir, label_dir = folders
+    cut = pred_dir / "v2.tif"
+    tifffile.imwrite(cut, plane(), photometric="minisblack")
+    full = cut.read_bytes()
+    cut.write_bytes(full[:-100])
+    with tifffile.TiffFile(cut) as tf:
+        assert tf.series[0].shape == (N, N, N)  # what a header-only read without the checks believes
+
+    def never(*args, **kwargs):
+        raise AssertionError("a volume was scored before the file check")
+
+    monkeypatch.setattr(evaluate, "_score_one", never)
+    capsys.readouterr()
+    assert evaluate.main(["--pred_dir", str(pred_dir), "--label_dir", str(label_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "v2.tif" in err and ("truncated" in err or "corrupt" in err)
+    assert "v1.tif" not in err and "v3.tif" not in err  # only the broken file is named
+
+
+def test_bar_follows_completion_order_results_id_order(folders, tmp_path, monkeypatch):
+    """v1's prediction is read only once the bar has shown v2 and v3 (possible only when the pool is read in
+    completion order); the rows still come back sorted by id with their own scores."""
+    from completion_gate import bar_recorder, held
+
+    from custom_components import progress
+    from custom_components.data import io as vio
+
+    pred_dir, label_dir = folders
+    release = str(tmp_path / "release")
+    target = os.path.join(str(pred_dir), "v1.tif")
+    monkeypatch.setattr(vio, "read_volume", held(vio.read_volume, lambda p, *a: os.fspath(p) == target, release))
+    bar = bar_recorder(release, others=["v2", "v3"])
+    monkeypatch.setattr(progress, "tqdm", bar)
+    rows = evaluate.score_folders(pred_dir, label_dir, workers=3)
+    assert sorted(bar.shown[:2]) == ["v2", "v3"] and bar.shown[2:] == ["v1"]
+    assert [r["id"] for r in rows] == ["v1", "v2", "v3"]
+    assert rows[0]["score"] == pytest.approx(1.0) and rows[1]["score"] == pytest.approx(0.65)

@@ -3,17 +3,18 @@
     python -m custom_components.metrics.evaluate --pred_dir DIR --label_dir DIR [--out results.csv] [--workers N]
 
 Volumes are matched by id = file stem (``<id>.tif`` / ``<id>.tiff``). Before anything is scored, every
-missing prediction, extra prediction (no label of that id), unreadable file and shape mismatch (shapes
-from the TIFF headers, read with ``tifffile``) is reported by file name on stderr and the command exits
-with status 1. Otherwise each volume is scored with ``custom_components.metrics.score.leaderboard_score``,
-volumes in parallel processes (``--workers`` in all: min(workers, volumes) volume processes, the rest
-of the workers for the Betti tiles of each volume), and a table of the per-volume rows (id, score,
-topo_score, surface_dice, voi_score, voi, seconds = wall time of the volume incl. reading) with a mean
-row is printed; ``--out`` writes the same rows as CSV, atomically.
+missing prediction, extra prediction (no label of that id), unreadable, truncated or corrupt file and
+shape mismatch (shapes from the TIFF headers, read and checked by ``custom_components.data.io``'s
+``read_tiff_header``) is reported by file name on stderr and the command exits with status 1. Otherwise
+each volume is scored with ``custom_components.metrics.score.leaderboard_score``, volumes in parallel
+processes (``--workers`` in all: min(workers, volumes) volume processes, the rest of the workers for the
+Betti tiles of each volume; a progress bar on stderr counts the volumes as they finish), and a table of
+the per-volume rows (id, score, topo_score, surface_dice, voi_score, voi, seconds = wall time of the
+volume incl. reading) with a mean row is printed; ``--out`` writes the same rows as CSV, atomically.
 
-Python API: ``score_folders(pred_dir, label_dir, workers)``, ``compare_postprocessing(raw_dir, post_dir,
-label_dir, out_csv, workers)`` (raw vs post-processed scores per volume and their difference; used by
-bundle/configs/evaluate.json), ``format_table``, ``write_csv``, ``main``.
+Python API: ``score_folders(pred_dir, label_dir, workers, progress)``, ``compare_postprocessing(raw_dir,
+post_dir, label_dir, out_csv, workers, progress)`` (raw vs post-processed scores per volume and their
+difference; used by bundle/configs/evaluate.json), ``format_table``, ``write_csv``, ``main``.
 """
 
 from __future__ import annotations
@@ -58,17 +59,6 @@ def _volumes(folder: str, problems: list[str]) -> dict[str, str]:
     return out
 
 
-def _tiff_shape(path: str) -> tuple[int, ...]:
-    """Shape of the first series of a TIFF from its header (no pixel data decoded); ValueError naming the file."""
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            return tuple(int(v) for v in tif.series[0].shape)
-    except Exception as e:  # tifffile raises several types for damaged files
-        raise ValueError(f"cannot read {os.path.basename(path)} ({path}): {e}") from e
-
-
 def _pairs(pred_dir: str, label_dir: str) -> list[tuple[str, str, str]]:
     """(id, pred_path, label_path) sorted by id; ValueError listing every missing / extra / unreadable /
     mismatched file (problems joined by "; ")."""
@@ -81,9 +71,11 @@ def _pairs(pred_dir: str, label_dir: str) -> list[tuple[str, str, str]]:
     if os.path.isdir(label_dir) and not labels:
         problems.append(f"no label volumes (*.tif) in {label_dir}")
     pairs = [(s, preds[s], labels[s]) for s in sorted(set(preds) & set(labels))]
+    if pairs:
+        from custom_components.data.io import read_tiff_header  # the checked reader: truncation, corruption
     for stem, p, g in pairs:
         try:
-            sp, sg = _tiff_shape(p), _tiff_shape(g)
+            sp, sg = read_tiff_header(p)[0], read_tiff_header(g)[0]
         except ValueError as e:
             problems.append(str(e))
             continue
@@ -98,13 +90,12 @@ def _pairs(pred_dir: str, label_dir: str) -> list[tuple[str, str, str]]:
 def _score_one(args) -> dict:
     """Score one (id, pred_path, label_path, tile_workers); ValueError naming the files on failure."""
     stem, pred_path, label_path, tile_workers = args
-    import tifffile
-
+    from custom_components.data.io import read_volume
     from custom_components.metrics.score import leaderboard_score
 
     t0 = time.perf_counter()
     try:
-        pred, label = tifffile.imread(pred_path), tifffile.imread(label_path)
+        pred, label = read_volume(pred_path), read_volume(label_path)
         r = leaderboard_score(pred, label, workers=tile_workers)
     except Exception as e:
         raise ValueError(f"{os.path.basename(pred_path)} vs {os.path.basename(label_path)}: {e}") from e
@@ -120,29 +111,41 @@ def _pool_context():
     return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
 
 
-def score_folders(pred_dir, label_dir, workers: int = 1) -> list[dict]:
+def score_folders(pred_dir, label_dir, workers: int = 1, progress: bool = True) -> list[dict]:
     """Per-volume ``leaderboard_score`` dicts sorted by id, plus ``id``, ``seconds`` (wall time of the
     volume incl. reading) and ``seconds_components`` (the metric's own timings).
 
     Raises ``ValueError`` naming every missing / extra prediction, unreadable file and shape mismatch
     before scoring anything. ``workers`` processes in all: volumes in parallel, spare workers for tiles.
+    A progress bar on stderr (``custom_components.progress``; ``progress=False`` or no terminal: none)
+    counts the volumes as they finish.
     """
+    from custom_components.progress import advance, progress_bar
+
     pairs = _pairs(os.fspath(pred_dir), os.fspath(label_dir))
     workers = max(1, int(workers))
     procs = min(workers, len(pairs))
     tile_workers = max(1, workers // procs)
     jobs = [(s, p, g, tile_workers) for s, p, g in pairs]
-    if procs == 1:
-        return [_score_one(j) for j in jobs]
-    from concurrent.futures import ProcessPoolExecutor
+    with progress_bar(len(jobs), "evaluate", progress) as bar:
+        if procs == 1:
+            results = []
+            for j in jobs:
+                results.append(_score_one(j))
+                advance(bar, j[0])
+            return results
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
+        with ProcessPoolExecutor(max_workers=procs, mp_context=_pool_context()) as pool:
+            futures = {pool.submit(_score_one, j): j[0] for j in jobs}
+            for f in as_completed(futures):  # the bar follows the volumes as they finish
+                advance(bar, futures[f])
     results, errors = [], []
-    with ProcessPoolExecutor(max_workers=procs, mp_context=_pool_context()) as pool:
-        for f in [pool.submit(_score_one, j) for j in jobs]:
-            try:
-                results.append(f.result())
-            except ValueError as e:
-                errors.append(str(e))
+    for f in futures:  # results (and errors) in id order (the dict keeps submission order)
+        try:
+            results.append(f.result())
+        except ValueError as e:
+            errors.append(str(e))
     if errors:
         raise ValueError("; ".join(errors))
     return results
@@ -184,15 +187,15 @@ def write_csv(path, rows: list[dict], columns) -> str:
     return atomic_write_text(path, buf.getvalue(), newline="")
 
 
-def compare_postprocessing(raw_dir, post_dir, label_dir, out_csv, workers: int = 1) -> list[dict]:
+def compare_postprocessing(raw_dir, post_dir, label_dir, out_csv, workers: int = 1, progress: bool = True) -> list[dict]:
     """Score raw and post-processed predictions against one label folder; the per-volume scores and
     their difference (post - raw) are printed as a table with a mean row and written to ``out_csv``.
 
     Returns the per-volume rows: id, score_raw, score_post, score_diff and the raw / post components
     (topo_score, surface_dice, voi_score).
     """
-    raw = {r["id"]: r for r in score_folders(raw_dir, label_dir, workers)}
-    post = {r["id"]: r for r in score_folders(post_dir, label_dir, workers)}
+    raw = {r["id"]: r for r in score_folders(raw_dir, label_dir, workers, progress)}
+    post = {r["id"]: r for r in score_folders(post_dir, label_dir, workers, progress)}
     rows = []
     for stem in sorted(raw):
         a, b = raw[stem], post[stem]
