@@ -56,9 +56,10 @@ def test_counter_sees_each_kind_of_read(monkeypatch):
     assert counter.n == 6
 
 
-def test_a_training_step_reads_the_device_once(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.999], ids=["ema_off", "ema_on"])
+def test_a_training_step_reads_the_device_once(data_dir, tmp_path, monkeypatch, ema_decay):
     o = tiny_overrides(data_dir, tmp_path / "run", epochs=1, iterations_per_epoch=7, val_interval=5,
-                       topology_every_n=3)
+                       topology_every_n=3, ema_decay=ema_decay)
     o.pop("topology_downsample")
     wf = ConfigWorkflow(config_file=TRAIN_JSON, workflow_type="train", **o)
     wf.initialize()

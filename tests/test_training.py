@@ -151,3 +151,83 @@ def test_val_records_share_volumes_and_pad_with_weight_zero():
     assert sum(r["weight"] for p in padded for r in p) == 3
     with pytest.raises(ValueError, match="rank 2 is not in"):
         val_records(prepared, rank=2, world_size=2)
+
+
+def test_fold_all_trains_on_every_volume_and_never_builds_validation(data_dir, tmp_path):
+    from monai.handlers import ValidationHandler
+
+    out = tmp_path / "all"
+    wf, _ = _train(tiny_overrides(data_dir, out, epochs=1, iterations_per_epoch=2, fold="all", val_fraction=0.25))
+    pre = wf.parser.get_parsed_content("preflight")
+    assert pre["val"] == [] and len(pre["train"]) == 4  # the fixture's 4 training volumes, none held out
+    assert wf.parser.get_parsed_content("validate#dataloader") is None
+    assert wf.parser.get_parsed_content("validate#evaluator") is None
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    handlers = wf.parser.get_parsed_content("train#handlers")
+    assert not any(isinstance(h, ValidationHandler) for h in handlers)
+    assert trainer.state.epoch == 1
+    assert sorted(os.listdir(out / "checkpoints")) == ["last.pt"]  # no validation, so no best.pt
+    model = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert model["meta"]["source"] == "last.pt"
+
+
+def test_init_from_loads_weights_only_and_names_mismatched_keys(data_dir, tmp_path):
+    from custom_components.training.checkpoint import CheckpointMismatchError
+
+    first = tmp_path / "first"
+    _train(tiny_overrides(data_dir, first, epochs=1, iterations_per_epoch=2, val_interval=5))
+    source = torch.load(first / "models" / "model.pt", weights_only=True)["network"]
+    # fine-tuning at another patch with the same network: weights taken, epoch and optimiser start afresh
+    wf = _workflow(**tiny_overrides(data_dir, tmp_path / "tuned", patch_size=[24, 24, 24], epochs=1,
+                                    iterations_per_epoch=1, init_from=str(first / "models" / "model.pt")))
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    net = wf.parser.get_parsed_content("network")
+    assert all(torch.equal(net.state_dict()[k], source[k]) for k in source)
+    assert trainer.state.epoch == 0 and wf.parser.get_parsed_content("optimizer").state == {}
+    # another network: the mismatched keys are named before any step
+    wf = _workflow(**tiny_overrides(data_dir, tmp_path / "bad", filters=[4, 8, 32], init_from=str(first / "models" / "model.pt")))
+    wf.initialize()
+    with pytest.raises(Exception) as info:
+        wf.parser.get_parsed_content("train#trainer")
+    chain, e = [], info.value
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__
+    assert any(isinstance(x, CheckpointMismatchError) and "shape mismatches" in str(x) and "[32" in str(x) for x in chain)
+
+
+def test_ema_weights_resume_exactly_validate_and_become_model_pt(data_dir, tmp_path):
+    o = dict(val_interval=1, ema_decay=0.9)
+    straight, part = tmp_path / "ema_straight", tmp_path / "ema_part"
+    wf, _ = _train(tiny_overrides(data_dir, straight, **o))
+    ema = wf.parser.get_parsed_content("ema")
+    assert int(ema.n_averaged) == 6  # 2 epochs x 3 steps, every step averaged in
+    assert wf.parser.get_parsed_content("validate#evaluator").network is ema.module  # validation on the EMA weights
+    ema_straight = {k: v.clone() for k, v in ema.state_dict().items()}
+    _train(tiny_overrides(data_dir, part, **o), stop_after_epoch=1)
+    wf, _ = _train(tiny_overrides(data_dir, part, resume=True, **o))
+    resumed = wf.parser.get_parsed_content("ema").state_dict()
+    assert set(resumed) == set(ema_straight) and all(torch.equal(resumed[k], ema_straight[k]) for k in resumed)
+    model = torch.load(straight / "models" / "model.pt", weights_only=True)
+    best = torch.load(straight / "checkpoints" / model["meta"]["source"], weights_only=True)
+    assert model["meta"]["weights"] == "ema"
+    assert all(torch.equal(model["network"][k], best["ema"]["module." + k]) for k in model["network"])
+
+
+def test_ema_update_by_hand():
+    from custom_components.training.ema import build_ema
+
+    net = torch.nn.Linear(2, 1)
+    ema = build_ema(net, 0.9)
+    for value in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            net.weight.fill_(value)
+            net.bias.fill_(-value)
+        ema.update_parameters(net)
+    # first update copies (1), then 0.9 * 1 + 0.1 * 2 = 1.1, then 0.9 * 1.1 + 0.1 * 3 = 1.29
+    assert torch.allclose(ema.module.weight, torch.full((1, 2), 1.29)) and torch.allclose(ema.module.bias, torch.tensor([-1.29]))
+    assert int(ema.n_averaged) == 3 and ema.n_averaged.device.type == "cpu"
+    assert build_ema(net, 0.0) is None
+    with pytest.raises(ValueError, match="ema_decay"):
+        build_ema(net, 1.0)

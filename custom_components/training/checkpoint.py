@@ -45,6 +45,7 @@ __all__ = [
     "CheckpointMismatchError",
     "write_model_pt",
     "checkpoint_network_spec",
+    "NetworkInitializer",
 ]
 
 logger = logging.getLogger("vesuvius.checkpoint")
@@ -52,6 +53,12 @@ logger = logging.getLogger("vesuvius.checkpoint")
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the network configured."""
+
+
+def _unwrap_ddp(obj):
+    """The module inside a ``DistributedDataParallel`` wrapper (only that: an ``AveragedModel`` keeps its own
+    state, ``n_averaged`` included)."""
+    return obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel) else obj
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
@@ -189,7 +196,7 @@ class AtomicCheckpointSaver:
         for name, o in {**self.save_dict, "trainer": self.trainer}.items():
             if o is None:
                 continue
-            o = getattr(o, "module", o)  # DDP
+            o = _unwrap_ddp(o)
             obj[name] = o.state_dict()
         st = self.trainer.state
         obj["meta"] = {
@@ -255,7 +262,7 @@ class CheckpointResumer:
                 continue
             if name not in ckpt:
                 raise CheckpointMismatchError(f"checkpoint {self.load_path} has no '{name}' (it holds {sorted(ckpt)}).")
-            target = getattr(obj, "module", obj)
+            target = _unwrap_ddp(obj)
             if name == "network":
                 load_network_weights(target, ckpt[name], source=f"checkpoint {self.load_path}")
             elif isinstance(target, Engine):
@@ -281,8 +288,8 @@ def checkpoint_network_spec(ckpt: dict) -> dict | None:
 
 def write_model_pt(ckpt_dir: str | Path, model_path: str | Path, prefer: tuple[str, ...] = ("best.pt", "last.pt"),
                    rank: int = 0) -> str | None:
-    """The inference weights of a run: the first of ``prefer`` found in ``ckpt_dir``, network weights and
-    spec only, atomically to ``model_path`` (and ``{"network_spec": spec}`` to ``network.json`` beside it).
+    """The inference weights of a run: the first of ``prefer`` found in ``ckpt_dir``, network weights (the
+    EMA weights when the checkpoint holds them) and spec only, atomically to ``model_path`` (and ``{"network_spec": spec}`` to ``network.json`` beside it).
     Rank 0 only."""
     if rank != 0:
         return None
@@ -293,7 +300,29 @@ def write_model_pt(ckpt_dir: str | Path, model_path: str | Path, prefer: tuple[s
     ckpt = load_checkpoint(source)
     spec = checkpoint_network_spec(ckpt)
     meta = {k: v for k, v in ckpt.get("meta", {}).items() if k in ("network", "epoch", "iteration", "best_metric")}
-    atomic_torch_save({"network": _network_state(ckpt), "meta": {**meta, "source": source.name}}, model_path)
+    weights, kind = _network_state(ckpt), "network"
+    if isinstance(ckpt.get("ema"), dict):  # weight averaging on: the averaged weights are the inference weights
+        weights = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
+        kind = "ema"
+    atomic_torch_save({"network": weights, "meta": {**meta, "source": source.name, "weights": kind}}, model_path)
     atomic_write_json(str(model_path.with_name("network.json")), {"network_spec": spec})
     logger.info("wrote %s (network weights of %s, epoch %s)", model_path, source, meta.get("epoch"))
     return str(model_path)
+
+
+class NetworkInitializer:
+    """``--init_from CKPT``: the network starts from another run's weights (a checkpoint or ``model.pt``),
+    weights only: optimiser, schedule and epoch start afresh (fine-tuning, e.g. a 128^3 model continued at
+    192^3). Checked when built, before training starts: a missing file or a network that does not fit
+    (missing / unexpected keys, shapes) is named. Ignored when the run resumes (its own ``last.pt`` wins)."""
+
+    def __init__(self, path: str | None, network: torch.nn.Module, resume_path: str | None = ""):
+        self.path, self.network, self.resume_path = path or "", _unwrap_ddp(network), resume_path or ""
+        if self.path and not self.resume_path:
+            if not os.path.isfile(self.path):
+                raise ValueError(f"init_from '{self.path}' does not exist.")
+            load_network_weights(self.network, _network_state(load_checkpoint(self.path)), source=f"init_from {self.path}")
+            logger.info("network initialised from %s (weights only)", self.path)
+
+    def attach(self, engine: Engine) -> None:
+        """Nothing to do at run time: the weights were loaded when the handler was built."""

@@ -11,6 +11,9 @@ naming the setting or the file:
 4. the patch is not larger than the smallest volume;
 5. the output folder: a new run never clobbers another run's checkpoints (``resume`` / ``overwrite``).
 
+``fold="all"`` trains on every volume (the training and validation lists together) with no validation;
+``init_from`` must name an existing checkpoint.
+
 No GPU memory is taken and no pixel data is decoded here; label values are checked when the cache is
 prepared (``custom_components.data.prepare``), which decodes each volume once.
 """
@@ -67,7 +70,7 @@ def preflight(
     patch_size: Sequence[int],
     batch_size: int,
     device,
-    fold: int | None = None,
+    fold: int | str | None = None,
     resume: bool = False,
     overwrite: bool = False,
     epochs: int = 1,
@@ -76,6 +79,7 @@ def preflight(
     seed: int = 0,
     rank: int = 0,
     max_levels: int = 6,
+    init_from: str | None = "",
 ) -> dict:
     """Run the checks of the module docstring; return ``{"train", "val", "resume_path"}``.
 
@@ -88,15 +92,20 @@ def preflight(
     check_settings(patch_size, batch_size, device, epochs, iterations_per_epoch, max_levels)
     if not dataset_dir or not os.path.isdir(dataset_dir):
         raise ValueError(f"dataset_dir '{dataset_dir}' does not exist or is not a folder.")
+    if init_from and not os.path.isfile(init_from):
+        raise ValueError(f"init_from '{init_from}' does not exist.")
+    fold_all = str(fold).lower() == "all"
     if datalist:
         if not os.path.isfile(datalist):
             raise ValueError(f"datalist '{datalist}' does not exist.")
-        train, val, _ = load_datalist(datalist, dataset_dir, fold=fold)
+        train, val, _ = load_datalist(datalist, dataset_dir, fold=None if fold_all else fold)
     else:
         made = make_datalist(dataset_dir, val_fraction=val_fraction, seed=seed, split="random", folds=None)
         train, val = made["training"], made["validation"]
         absolute = lambda e: {**e, **{k: os.path.join(dataset_dir, e[k]) for k in ("image", "label") if e.get(k)}}  # noqa: E731
         train, val = [absolute(e) for e in train], [absolute(e) for e in val]
+    if fold_all:  # every volume trains; no validation (its post-processing comes from a fold run's postprocess.json)
+        train, val = train + val, []
     if not train:
         raise ValueError(f"no training volumes in {datalist or dataset_dir}.")
     entries = train + val
