@@ -3,27 +3,23 @@
     python -m custom_components.training.autotune --config_file bundle/configs/train.json [--config_file more.json ...]
         [--dataset_dir DIR] [--max_minutes 5] [--out tune.json] [--key value ...]
 
-The configs are read as ``python -m monai.bundle run`` reads them: the files merged in order, the other ``--key value``
-pairs parsed by ``fire`` (``--patch_size "[96,96,96]"``; ``true``/``false`` as booleans) and applied with
-``ConfigParser.update``. Network, loss, optimiser, loader, device augmentation and the ``train#trainer`` are built from
-that config, so a step here is a step of the run; its handlers are cut to ``SAFE_HANDLERS`` (no file, no validation).
-Each trial is a fresh parse with ``batch_size`` / ``num_workers`` / ``prefetch`` overridden and a real ``trainer.run()``
-of an epoch of warm-up steps and a measured epoch on the same loader iterator, timed by ``ThroughputHandler`` (data
-wait from ``GET_BATCH_STARTED`` to ``GET_BATCH_COMPLETED``, phases by the trainer's ``step_timer``), then all deleted.
-The preflight runs once; the trials read its first ``--volumes`` training volumes, cached where the run reuses them.
+The configs are read as ``python -m monai.bundle run`` reads them (files merged in order, the other ``--key value``
+pairs parsed by ``fire``, ``true``/``false`` as booleans, applied by ``ConfigParser.update``), and network, loss,
+optimiser, loader, device augmentation and ``train#trainer`` are built from them: a step here is a step of the run, its
+handlers cut to ``SAFE_HANDLERS`` (no file, no validation). A trial is a fresh parse at a ``batch_size`` /
+``num_workers`` / ``prefetch`` and a real ``trainer.run()``: an epoch of warm-up steps, then one measured by
+``ThroughputHandler`` (data wait ``GET_BATCH_STARTED`` -> ``GET_BATCH_COMPLETED``, phases by the trainer's
+``step_timer``) on the same loader iterator. Trials read the first ``--volumes`` training volumes, cached for the run.
 
-- CUDA: ``search_largest_batch`` doubles then bisects the batch; a batch fits when two real steps (AMP as configured;
-  the first computes the topology term) raise no ``OutOfMemoryError`` and ``max_memory_allocated`` stays under
-  ``--memory_fraction`` (90 %) of the GPU. Then ``num_workers`` x ``prefetch``, cheapest first, at that batch until
-  data wait is under 5 % of the step.
-- CPU: nothing is pushed towards an out-of-memory kill. Batch 1's memory is estimated on the ``meta`` device; it runs
-  only if it fits in host memory with room to spare, then the configured batch (memory predicted from batch 1). Step
-  time, peak RSS (``getrusage``) and the bytes autograd saves are measured; the output says ``ESTIMATED``.
+- CUDA: ``search_largest_batch`` doubles then bisects the batch; a batch fits when two real steps (the first with the
+  topology term) raise no ``OutOfMemoryError`` and ``max_memory_allocated`` stays under ``--memory_fraction`` (90 %)
+  of the GPU. Then ``num_workers`` x ``prefetch``, cheapest first, until data wait is under 5 % of the step.
+- CPU: no out-of-memory search. Batch 1's memory is estimated on the ``meta`` device and it runs only if it fits with
+  room to spare, then the configured batch (memory predicted from batch 1); step time, peak RSS (``getrusage``) and the
+  bytes autograd saves are measured, the configured batch kept, and the output says ``ESTIMATED``.
 
-Printed: the trials, the recommended overrides (CLI and JSON), the expected seconds per step, epoch and run, with
-validation's sliding-window network passes (``patch_size`` windows at ``val_overlap``, ``val_sw_batch_size`` per forward,
-timed once) over ``val_max_volumes`` volumes every ``val_interval`` epochs (no metric, no checkpoints). ``--out`` writes
-it all as JSON (atomically).
+Printed (``--out``: as JSON): the trials, the recommended overrides, the expected seconds per step, epoch and run with
+validation's sliding-window network passes (``val_overlap``, ``val_sw_batch_size``; no metric) every ``val_interval``.
 """
 
 from __future__ import annotations
@@ -49,6 +45,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.data.utils import dense_patch_slices
+from torch.utils.benchmark import Timer
 
 from custom_components.training.handlers import ThroughputHandler
 
@@ -429,20 +426,15 @@ class _Tuner:
         amp = self.cuda and bool(parser.get_parsed_content(amp_key) if amp_key in parser else self.cfg["amp"])
         # a training forward (with grad) of the same windows bounds the cost; time it only if the budget allows
         guess = float(rec.get("parts", {}).get("forward", 0.0)) * sw / max(int(rec["batch_size"]), 1)
-        runs = 4 if 4 * guess < self.time_left() else 2 if 2 * guess < self.time_left() else 0
+        runs = 2 if 4 * guess < self.time_left() else 1 if 3 * guess < self.time_left() else 0
         if runs == 0:
             rec["val_note"] = f"validation forward not timed: about {guess:.0f} s each, past --max_minutes"
             return
-        net, x, times = trainer.network.eval(), torch.zeros(sw, 1, *roi, device=self.device), []
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            for _ in range(runs):  # one warm-up, then the median of the rest
-                torch.cuda.synchronize(self.device) if self.cuda else None
-                t = time.perf_counter()
-                net(x)
-                torch.cuda.synchronize(self.device) if self.cuda else None
-                times.append(time.perf_counter() - t)
+        net, x = trainer.network.eval(), torch.zeros(sw, 1, *roi, device=self.device)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):  # two warm-up passes first
+            t = Timer("net(x)", globals={"net": net, "x": x}, num_threads=torch.get_num_threads()).timeit(runs).mean
         net.train()
-        rec.update(val_forward_s=sorted(times[1:])[(runs - 1) // 2], val_roi=roi, val_sw_batch_size=sw, val_overlap=overlap)
+        rec.update(val_forward_s=t, val_roi=roi, val_sw_batch_size=sw, val_overlap=overlap)
 
 
 def _steps_for(tuner: _Tuner, requested: int | None, cap: int) -> int:
@@ -450,16 +442,20 @@ def _steps_for(tuner: _Tuner, requested: int | None, cap: int) -> int:
     return max(1, int(requested)) if requested else max(2, min(int(tuner.cfg["topology_every_n"] or 1), cap))
 
 
-def _loader_search(tuner: _Tuner, batch: int, steps: int, trials: list, measured: dict, validate: list) -> dict:
+def _timed_val(trials: list) -> dict | None:
+    """The first trial that timed a validation forward (``val_forward_s``), if any."""
+    return next((t for t in trials if t.get("val_forward_s") is not None), None)
+
+
+def _loader_search(tuner: _Tuner, batch: int, steps: int, trials: list, measured: dict) -> dict:
     """Loader settings tried cheapest first at ``batch`` until one keeps data wait under 5 % (or time runs out)."""
     for w, p in loader_candidates(os.cpu_count() or 1, (tuner.cfg["num_workers"], tuner.cfg["prefetch"])):
         if (w, p) not in measured:
             if measured and tuner.time_left() < 2.5 * max(m["wall_s"] for m in measured.values()):
                 break
             rec = tuner.trial("loader", batch, w, p, warmup=2 if tuner.cuda else 1, steps=steps,
-                              after=tuner.val_forward_s if not validate else None)
+                              after=None if _timed_val(trials) else tuner.val_forward_s)
             trials.append(rec)
-            validate += [rec] if rec.get("val_forward_s") is not None else []
             if rec["oom"] or rec.get("step_s") is None:
                 continue
             measured[(w, p)] = rec
@@ -497,9 +493,7 @@ def _tune_cuda(tuner: _Tuner, args, trials: list, notes: list) -> tuple[int, dic
         notes.append(f"the configured batch_size {tuner.cfg['batch_size']} does not fit with the safety margin here")
     elif cut:
         notes.append(f"the largest batch is not known: only up to {best} was tried in the time given (raise --max_minutes)")
-    validate: list = []
-    loader = _loader_search(tuner, best, _steps_for(tuner, args.steps, cap=20), trials, {}, validate)
-    return best, loader, {"memory": mem, "validate": validate}
+    return best, _loader_search(tuner, best, _steps_for(tuner, args.steps, 20), trials, {}), mem
 
 
 def _tune_cpu(tuner: _Tuner, args, trials: list, notes: list) -> tuple[int, dict | None, dict]:
@@ -509,16 +503,15 @@ def _tune_cpu(tuner: _Tuner, args, trials: list, notes: list) -> tuple[int, dict
     fwd = est["forward_saved_bytes"]
     # weights, gradients, up to two optimiser moments; x2.5 the forward's saved bytes: loss terms, augmentation, transients
     need1 = _rss_bytes(reset=True) + 4 * est["param_bytes"] + 2.5 * (fwd or 0)
-    mem: dict = {"usable_bytes": usable, "limit_bytes": limit, "meta_estimate_batch1": est, "predicted_batch1_bytes": need1}
+    mem = {"usable_bytes": usable, "limit_bytes": limit, "meta_estimate_batch1": est, "predicted_batch1_bytes": need1}
     if fwd is None:
         notes.append(f"no meta-device memory estimate ({est.get('error')}); batch 1 runs unchecked")
     if need1 > limit:
         mem["summary"] = (f"batch 1 would need about {_fmt_gb(need1)} (meta-device estimate), over {pct} of the "
                           f"{_fmt_gb(usable)} this process can use: not run")
         notes.append("no trial ran: the CPU would run out of memory; tune on a GPU or with a smaller patch_size / filters")
-        return batch, None, {"memory": mem, "validate": []}
-    steps, validate, measured = _steps_for(tuner, args.steps, cap=5), [], {}
-    conf, other, second = (cfg["num_workers"], cfg["prefetch"]), batch if batch != 1 else 2, None
+        return batch, None, mem
+    steps, conf, other, second = _steps_for(tuner, args.steps, 5), (cfg["num_workers"], cfg["prefetch"]), batch if batch != 1 else 2, None
     one = tuner.trial("slope", 1, *conf, warmup=1, steps=steps, host_memory=True,
                       after=tuner.val_forward_s if batch == 1 else None)
     per_sample = float(one.get("saved_bytes") or fwd or 0.0)
@@ -530,12 +523,11 @@ def _tune_cpu(tuner: _Tuner, args, trials: list, notes: list) -> tuple[int, dict
     else:
         second = tuner.trial("slope", other, *conf, warmup=1, steps=steps, host_memory=True,
                              after=tuner.val_forward_s if one.get("val_forward_s") is None else None)
-    for t in (one, second):
-        if t is not None:
-            trials.append(t)
-            validate += [t] if t.get("val_forward_s") is not None else []
-            measured.update({conf: t} if t["batch_size"] == batch and t.get("step_s") is not None else {})
-            t.update({"note": (t.get("note", "") + " topology step measured").strip()} if t.get("topology_in_measured") else {})
+    slopes = [t for t in (one, second) if t is not None]
+    trials += slopes
+    measured = {conf: t for t in slopes if t["batch_size"] == batch and t.get("step_s") is not None}
+    for t in slopes:
+        t.update({"note": (t.get("note", "") + " topology step measured").strip()} if t.get("topology_in_measured") else {})
     if second is not None:  # memory per sample: the largest of the RSS slope and the autograd-saved bytes per sample
         slope_saved = ((second.get("saved_bytes") or 0) - (one.get("saved_bytes") or 0)) / (other - 1)
         per_sample = max((second["peak_rss_bytes"] - one["peak_rss_bytes"]) / (other - 1), slope_saved,
@@ -555,7 +547,7 @@ def _tune_cpu(tuner: _Tuner, args, trials: list, notes: list) -> tuple[int, dict
                      "loader not tuned, time extrapolated")
     else:
         try:
-            loader = _loader_search(tuner, batch, min(steps, 3), trials, measured, validate)
+            loader = _loader_search(tuner, batch, min(steps, 3), trials, measured)
         except ValueError as e:
             notes.append(str(e))
     if loader is None and one.get("step_s") is not None:
@@ -564,17 +556,16 @@ def _tune_cpu(tuner: _Tuner, args, trials: list, notes: list) -> tuple[int, dict
             step = second["step_s"] + (batch - other) * (second["step_s"] - one["step_s"]) / (other - 1)
         loader = {**(second or one), "batch_size": batch, "step_s": step, "meets": None,
                   "reason": f"loader not tuned; step time extrapolated to batch {batch}"}
-    return batch, loader, {"memory": mem, "validate": validate}
+    return batch, loader, mem
 
 
-def _validation(tuner: _Tuner, trials: list, validate: list) -> tuple[dict, float | None]:
+def _validation(tuner: _Tuner, trials: list) -> tuple[dict, float | None]:
     """The validation estimate (``validation`` of the result) and its seconds, from the first timed forward."""
     from custom_components.data.io import read_tiff_header
 
-    v = validate[0] if validate else None
     if not tuner.val_entries:
         return {"note": "no validation volumes"}, 0.0
-    if v is None or v.get("val_forward_s") is None:
+    if (v := _timed_val(trials)) is None:
         why = next((t["val_note"] for t in trials if t.get("val_note")), "time ran out or no trial finished")
         return {"note": f"no validation forward was timed ({why})"}, None
     shapes = [list(read_tiff_header(e["image"])[0]) for e in tuner.val_entries]
@@ -591,7 +582,7 @@ def run_autotune(config_files: Sequence[str], overrides: dict, args) -> dict:
     t0, trials, notes = time.time(), [], []
     tuner = _Tuner(config_files, overrides, deadline=t0 + 60 * float(args.max_minutes), volumes=args.volumes)
     try:
-        batch, loader, extra = (_tune_cuda if tuner.cuda else _tune_cpu)(tuner, args, trials, notes)
+        batch, loader, memory = (_tune_cuda if tuner.cuda else _tune_cpu)(tuner, args, trials, notes)
     finally:
         if tuner.determinism:  # as the run's finalize step does
             from monai.utils import set_determinism
@@ -600,7 +591,7 @@ def run_autotune(config_files: Sequence[str], overrides: dict, args) -> dict:
     cfg, files = tuner.cfg, list(config_files)
     recommended = {"batch_size": int(batch), "num_workers": int(loader["num_workers"]) if loader else cfg["num_workers"],
                    "prefetch": int(loader["prefetch"]) if loader else cfg["prefetch"]}
-    validation, val_s = _validation(tuner, trials, extra["validate"])
+    validation, val_s = _validation(tuner, trials)
     expected, basis = None, ""
     if loader is not None and loader.get("step_s") is not None:
         expected = estimate_run_time(loader["step_s"], cfg["iterations_per_epoch"], cfg["epochs"], val_s, cfg["val_interval"])
@@ -621,7 +612,7 @@ def run_autotune(config_files: Sequence[str], overrides: dict, args) -> dict:
         "config_files": files,
         "config_file_arg": files[0] if len(files) == 1 else '"[' + ",".join(f"'{f}'" for f in files) + ']"',
         "user_overrides": dict(overrides), "configured": cfg, "tuning_volumes": tuner.tuning_volumes,
-        "trials": list(trials), "memory": extra["memory"],
+        "trials": list(trials), "memory": memory,
         "loader": {k: v for k, v in (loader or {}).items()
                    if k in ("num_workers", "prefetch", "data_wait_fraction", "step_s", "meets", "reason")},
         "recommended": recommended, "recommended_cli": " ".join(f"--{k} {v}" for k, v in recommended.items()),
