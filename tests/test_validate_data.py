@@ -199,3 +199,21 @@ def test_validate_volumes_api(tiny_dataset):
     with pytest.raises(ValueError, match="2 image paths but 1 label paths"):
         validate_volumes(imgs, labs[:1])
     only(validate_volumes([tiny_dataset / "x.tif"]), "x.tif: file does not exist")
+
+
+def test_bar_follows_completion_order_problems_input_order(tmp_path, monkeypatch):
+    """a.tif's check waits until the bar has shown b.tif and c.tif (only a pool read in completion order can
+    show them first); its problem still comes first, in input order."""
+    from completion_gate import bar_recorder, held
+
+    from custom_components import progress
+    from custom_components.data import validate_data
+
+    paths = [tmp_path / f"{n}.tif" for n in "abc"]  # none exists: one problem each
+    release = str(tmp_path / "release")
+    monkeypatch.setattr(validate_data, "_check_pair", held(validate_data._check_pair, lambda i, *a: i == str(paths[0]), release))
+    bar = bar_recorder(release, others=["b.tif", "c.tif"])
+    monkeypatch.setattr(progress, "tqdm", bar)
+    problems = validate_volumes(paths, workers=3)
+    assert sorted(bar.shown[:2]) == ["b.tif", "c.tif"] and bar.shown[2:] == ["a.tif"]
+    assert [p.split(":")[0] for p in problems] == [str(p) for p in paths]

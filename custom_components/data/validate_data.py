@@ -14,7 +14,8 @@ Checked (every problem is reported, one line each, naming the file and what is w
   belongs to a test image and matches it like a training label.
 
 ``python -m custom_components.data.validate_data --data_root DIR [--headers_only]`` prints the problems
-(exit 1) or ``OK: N training volumes, M test volumes``. Training / inference call ``check_or_raise``.
+(exit 1) or ``OK: N training volumes, M test volumes``, with a progress bar on stderr while the volumes
+are read (on a terminal). Training / inference call ``check_or_raise``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import csv
 import os
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 
@@ -134,13 +135,18 @@ def validate_volumes(
     label_paths: Sequence | None = None,
     decode: bool = True,
     workers: int | None = None,
+    progress: bool = True,
 ) -> list[str]:
     """Problems of the given volumes: each reads, is 3D uint8; each label matches its image's shape and,
     with ``decode``, holds only {0, 1, 2}. ``label_paths[i]`` may be ``None`` (no label for image i).
 
     ``decode=False`` reads TIFF headers only (shape, dtype). Files are checked on ``workers`` threads
-    (default ``min(8, cpu_count)``); the problems come back in input order.
+    (default ``min(8, cpu_count)``); the problems come back in input order. A progress bar on stderr
+    (``custom_components.progress``; none with ``progress=False`` or without a terminal) counts the
+    volumes as they finish.
     """
+    from custom_components.progress import advance, progress_bar
+
     images = [os.fspath(p) if p is not None else None for p in image_paths]
     if label_paths is None:
         labels: list[str | None] = [None] * len(images)
@@ -150,19 +156,32 @@ def validate_volumes(
             raise ValueError(f"validate_volumes: {len(images)} image paths but {len(labels)} label paths.")
     pairs = list(zip(images, labels))
     n = _workers(workers)
-    if n == 1 or len(pairs) <= 1:
-        results = [_check_pair(i, lab, decode) for i, lab in pairs]
-    else:
-        with ThreadPoolExecutor(max_workers=n) as pool:
-            results = list(pool.map(lambda p: _check_pair(p[0], p[1], decode), pairs))
+    desc = "check volumes" + ("" if decode else " (headers)")
+    with progress_bar(len(pairs), desc, progress) as bar:
+        if n == 1 or len(pairs) <= 1:
+            results = []
+            for i, lab in pairs:
+                results.append(_check_pair(i, lab, decode))
+                advance(bar, _name(i, lab))
+        else:
+            with ThreadPoolExecutor(max_workers=n) as pool:
+                futures = {pool.submit(_check_pair, i, lab, decode): _name(i, lab) for i, lab in pairs}
+                for f in as_completed(futures):  # the bar follows the files as they finish
+                    advance(bar, futures[f])
+            results = [f.result() for f in futures]  # input order (the dict keeps submission order)
     return [line for r in results for line in r]
+
+
+def _name(image: str | None, label: str | None) -> str:
+    """What the bar shows for a pair: the file name of the image, else of the label."""
+    return os.path.basename(image or label or "")
 
 
 def _visible(folder: str) -> list[str]:
     return sorted(f for f in os.listdir(folder) if not f.startswith("."))
 
 
-def _validate(data_root, check_test: bool = True, decode: bool = True, workers: int | None = None):
+def _validate(data_root, check_test: bool = True, decode: bool = True, workers: int | None = None, progress: bool = True):
     """``(problems, n_train, n_test)``; see ``validate_dataset``."""
     root = os.fspath(data_root)
     if not os.path.isdir(root):
@@ -198,7 +217,7 @@ def _validate(data_root, check_test: bool = True, decode: bool = True, workers: 
             pair.append(path)
         images.append(pair[0])
         labels.append(pair[1])
-    problems += validate_volumes(images, labels, decode=decode, workers=workers)
+    problems += validate_volumes(images, labels, decode=decode, workers=workers, progress=progress)
     n_test = 0
     test_dir = os.path.join(root, "test_images")
     if check_test and os.path.isdir(test_dir):
@@ -221,24 +240,28 @@ def _validate(data_root, check_test: bool = True, decode: bool = True, workers: 
                     t_labels[by_stem[stem]] = path
                 else:
                     problems.append(f"{path}: stray entry in test_labels, no test image of that name.")
-        problems += validate_volumes(t_images, t_labels, decode=decode, workers=workers)
+        problems += validate_volumes(t_images, t_labels, decode=decode, workers=workers, progress=progress)
     return problems, len(ids), n_test
 
 
-def validate_dataset(data_root, check_test: bool = True, decode: bool = True, workers: int | None = None) -> list[str]:
+def validate_dataset(data_root, check_test: bool = True, decode: bool = True, workers: int | None = None,
+                     progress: bool = True) -> list[str]:
     """Every problem of the dataset at ``data_root`` (module docstring), one line each; ``[]`` when valid.
 
-    ``check_test=False`` skips test_images / test_labels; ``decode=False`` reads TIFF headers only.
+    ``check_test=False`` skips test_images / test_labels; ``decode=False`` reads TIFF headers only;
+    ``progress=False`` shows no bar.
     """
-    return _validate(data_root, check_test=check_test, decode=decode, workers=workers)[0]
+    return _validate(data_root, check_test=check_test, decode=decode, workers=workers, progress=progress)[0]
 
 
-def check_or_raise(data_root, check_test: bool = True, decode: bool = False, workers: int | None = None) -> tuple[int, int]:
+def check_or_raise(data_root, check_test: bool = True, decode: bool = False, workers: int | None = None,
+                   progress: bool = True) -> tuple[int, int]:
     """``(n_train, n_test)`` when the dataset is valid, else ``ValueError`` listing the problems.
 
     Defaults to the header-only check (seconds for the Kaggle set); ``decode=True`` also checks label values.
     """
-    problems, n_train, n_test = _validate(data_root, check_test=check_test, decode=decode, workers=workers)
+    problems, n_train, n_test = _validate(data_root, check_test=check_test, decode=decode, workers=workers,
+                                          progress=progress)
     if problems:
         shown = problems[:MAX_LISTED]
         more = (
