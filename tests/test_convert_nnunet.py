@@ -104,3 +104,17 @@ def test_cli(tiny_dataset, tmp_path, monkeypatch, capsys):
     assert e.value.code == 0
     assert os.path.isfile(tmp_path / "b" / "Dataset101_VesuviusSurface" / "imagesTr" / "1001_0000.nii.gz")
     assert main(["--data_root", str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 1
+
+
+def test_bar_names_every_written_file_once(tiny_dataset, tmp_path, monkeypatch):
+    """The bar shows each written file once (3 images + 3 labels + 1 test image), named by its nnU-Net file."""
+    from completion_gate import bar_recorder
+
+    from custom_components import progress
+
+    bar = bar_recorder(str(tmp_path / "unused"), others=["never"])
+    monkeypatch.setattr(progress, "tqdm", bar)
+    convert(tiny_dataset, tmp_path / "raw", workers=2)
+    written = [n for n in bar.shown if n.endswith(".nii.gz")]
+    assert sorted(written) == sorted([f"{i}_0000.nii.gz" for i in TRAIN_IDS] + [f"{i}.nii.gz" for i in TRAIN_IDS]
+                                     + ["2001_0000.nii.gz"])

@@ -10,7 +10,8 @@ writes ``OUT/DatasetXXX_Name/``::
 (nnU-Net's ignore label must be the highest), ``numTraining``, ``file_ending ".nii.gz"``.
 The NIfTI files hold the TIFF arrays unchanged (uint8, identity affine: spacing 1, 1, 1; axis
 convention in ``custom_components.data.io``). The case identifier is the Kaggle id. The dataset is checked
-first (``validate_data.check_or_raise`` on headers); files are written atomically.
+first (``validate_data.check_or_raise`` on headers); files are written atomically, with a progress bar on
+stderr (on a terminal).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from custom_components.atomic import atomic_write_json
 
@@ -65,18 +66,22 @@ def convert(
     name: str = "VesuviusSurface",
     workers: int | None = None,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> str:
     """Write the nnU-Net v2 raw dataset of ``data_root`` under ``out``; returns the ``DatasetXXX_Name`` folder.
 
     An existing non-empty dataset folder is refused unless ``overwrite`` (then its files are replaced
     and case files of ids no longer in the dataset are removed). ``workers`` threads convert in parallel
-    (default ``min(8, cpu_count)``; gzip and LZW release the GIL).
+    (default ``min(8, cpu_count)``; gzip and LZW release the GIL). A progress bar on stderr
+    (``custom_components.progress``; none with ``progress=False`` or without a terminal) counts the files
+    as they finish.
     """
     from custom_components.data.validate_data import check_or_raise, read_train_csv
+    from custom_components.progress import advance, progress_bar
 
     root = os.fspath(data_root)
     folder = os.path.join(os.fspath(out), dataset_folder_name(dataset_id, name))
-    check_or_raise(root, check_test=True, decode=False)
+    check_or_raise(root, check_test=True, decode=False, progress=progress)
     if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
         raise ValueError(f"{folder} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
     rows, _ = read_train_csv(os.path.join(root, "train.csv"))
@@ -106,8 +111,13 @@ def convert(
                 if f.endswith(".nii.gz") and p not in wanted:
                     os.unlink(p)  # a case of an earlier conversion that is no longer in the dataset
     n = max(1, int(workers) if workers else min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        list(pool.map(lambda job: _convert_one(*job), jobs))
+    with progress_bar(len(jobs), "convert to nnU-Net", progress, unit="file") as bar:
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            futures = {pool.submit(_convert_one, src, dst): os.path.basename(dst) for src, dst in jobs}
+            for f in as_completed(futures):  # the bar follows the files as they finish
+                advance(bar, futures[f])
+        for f in futures:
+            f.result()  # the first failure in job order is raised, as pool.map raised it
     atomic_write_json(os.path.join(folder, "dataset.json"), dataset_json(len(rows), name))
     return folder
 
