@@ -18,8 +18,8 @@ import tifffile
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from custom_components.data.synthetic import (BORDER, HELD_OUT_PROFILE, JITTER, LABEL_THICKNESS, PROFILES,
-                                              generate_volume, main, write_dataset)
+from custom_components.data.synthetic import (BORDER, DEFAULT_PROFILE, HELD_OUT_PROFILE, JITTER, LABEL_THICKNESS, PROFILES,
+                                              dataset_ids, generate_volume, main, write_dataset)
 
 SHAPE = (64, 64, 64)
 SEEDS = (0, 1)
@@ -293,3 +293,32 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path / "bad"), "--volumes", "1", "--shape", "24", "24", "24", "--seed", "1", "--profile", "nope"])
     assert e.value.code == 2 and "valid profiles: 34117" in capsys.readouterr().err
+
+
+def test_bar_moves_after_each_volume_is_written(tmp_path, monkeypatch):
+    """The bar names each volume (training, then test) once its files are on disk."""
+    from custom_components import progress
+
+    seen = []
+
+    class Bar:
+        disable = True
+
+        def __init__(self, *args, total=None, **kwargs):
+            assert total == 3
+
+        def set_postfix_str(self, s="", refresh=True):
+            split, vid = s.split()
+            on_disk = [(tmp_path / f"{split}_{kind}" / f"{vid}.tif").is_file() for kind in ("images", "labels")]
+            seen.append((split, vid, on_disk))
+
+        def update(self, n=1):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(progress, "tqdm", Bar)
+    ids = write_dataset(tmp_path, volumes=2, test=1, shape=(16, 16, 16), seed=0)
+    test_id = dataset_ids(0, DEFAULT_PROFILE, 3)[2]
+    assert seen == [("train", ids[0], [True, True]), ("train", ids[1], [True, True]), ("test", test_id, [True, False])]

@@ -51,6 +51,8 @@ numpy / CPU kind).
 
     python -m custom_components.data.synthetic --out DIR --volumes N [--test M] [--test_labels]
         [--profile NAME] --shape Z Y X --seed S [--preview]
+
+(with a progress bar of the volumes on stderr when it is a terminal).
 """
 
 from __future__ import annotations
@@ -807,14 +809,17 @@ def dataset_ids(seed: int, profile: str, n: int) -> list[str]:
 
 
 def write_dataset(out, volumes: int, test: int = 1, test_labels: bool = False, profile: str = DEFAULT_PROFILE,
-                  shape=(128, 128, 128), seed: int = 0, preview: bool = False) -> list[str]:
+                  shape=(128, 128, 128), seed: int = 0, preview: bool = False, progress: bool = True) -> list[str]:
     """Write ``volumes`` training and ``test`` test volumes in the Kaggle layout under ``out``.
 
     Files: ``train.csv`` (``id,scroll_id``), ``train_images/<id>.tif``, ``train_labels/<id>.tif``,
     ``test_images/<id>.tif``, with ``test_labels`` also ``test_labels/<id>.tif``, with ``preview``
     ``previews/<id>.png``. Volume ``i`` (training then test) comes from ``generate_volume(shape,
-    (seed, i), profile)``. Returns the training ids, in ``train.csv`` order.
+    (seed, i), profile)``. Returns the training ids, in ``train.csv`` order. A progress bar on stderr
+    (``custom_components.progress``; none with ``progress=False`` or without a terminal) counts the volumes.
     """
+    from custom_components.progress import advance, progress_bar
+
     shape = _check_shape(shape)
     _check_profile(profile)
     _check_seed(seed)
@@ -828,14 +833,16 @@ def write_dataset(out, volumes: int, test: int = 1, test_labels: bool = False, p
     for d in dirs:
         os.makedirs(os.path.join(out, d), exist_ok=True)
     ids = dataset_ids(seed, profile, int(volumes) + int(test))
-    for i, vid in enumerate(ids):
-        image, label, _ = generate_volume(shape, (int(seed), i), profile)
-        split = "train" if i < volumes else "test"
-        _write_tiff(os.path.join(out, f"{split}_images", f"{vid}.tif"), image)
-        if split == "train" or test_labels:
-            _write_tiff(os.path.join(out, f"{split}_labels", f"{vid}.tif"), label)
-        if preview:
-            _write_preview(os.path.join(out, "previews", f"{vid}.png"), image, label, f"{split} {vid} (scroll {profile})")
+    with progress_bar(len(ids), f"synthetic scrolls ({profile})", progress) as bar:
+        for i, vid in enumerate(ids):
+            image, label, _ = generate_volume(shape, (int(seed), i), profile)
+            split = "train" if i < volumes else "test"
+            _write_tiff(os.path.join(out, f"{split}_images", f"{vid}.tif"), image)
+            if split == "train" or test_labels:
+                _write_tiff(os.path.join(out, f"{split}_labels", f"{vid}.tif"), label)
+            if preview:
+                _write_preview(os.path.join(out, "previews", f"{vid}.png"), image, label, f"{split} {vid} (scroll {profile})")
+            advance(bar, f"{split} {vid}")
     train_ids = ids[: int(volumes)]
     text = _io.StringIO()
     w = csv.writer(text, lineterminator="\n")
