@@ -273,3 +273,66 @@ def test_cuda_procedure_with_a_fake_gpu(tmp_path, monkeypatch, capsys):
     assert e["train_s"] == pytest.approx(37500.0) and e["val_s"] == pytest.approx(3.2)
     assert e["total_s"] == pytest.approx(37596.0)
     assert "data wait measured on 4 of 806" in text
+
+
+def test_cuda_search_cut_by_time_says_so_not_does_not_fit(tmp_path, monkeypatch, capsys):
+    """A batch search stopped by --max_minutes before any batch failed reports the cut, never "does not fit"."""
+    import types
+
+    import numpy as np
+    import tifffile
+
+    from custom_components.training import autotune
+
+    image = tmp_path / "v.tif"
+    tifffile.imwrite(image, np.zeros((64, 64, 64), np.uint8), photometric="minisblack", compression="zlib")
+    fake = FakeCudaTuner(image)
+    fake.cfg["batch_size"] = 8
+    # 1000 s left at the start: the batch search may use half; batches 1, 2, 4 run, then only 100 s are left
+    ticks = iter([1000.0, 900.0, 900.0] + [100.0] * 100)
+    fake.time_left = lambda: next(ticks)
+    monkeypatch.setattr(autotune, "_Tuner", lambda *a, **k: fake)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=16 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "Fake GPU")
+    monkeypatch.setattr(autotune.os, "cpu_count", lambda: 2)
+    out = tmp_path / "tune.json"
+    assert main(["--config_file", TRAIN_JSON, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert [c[1] for c in fake.calls if c[0] == "batch"] == [1, 2, 4]
+    assert r["recommended"]["batch_size"] == 4 and r["memory"]["search_cut_by_time"] is True
+    assert "ran out of --max_minutes" in r["memory"]["summary"] and "does not fit" not in text
+    assert any("the largest batch is not known: only up to 4" in n for n in r["notes"])
+
+
+def test_peak_rss_resets_per_trial():
+    """``_rss_bytes(reset=True)`` lowers the getrusage peak to the current RSS; a 64 MiB array raises it by 64 MiB."""
+    import numpy as np
+
+    from custom_components.training.autotune import _rss_bytes
+
+    before = _rss_bytes(reset=True)
+    a = np.ones(64 * 2**20, np.uint8)  # touched: resident
+    peak = _rss_bytes()
+    del a
+    assert peak - before >= 60 * 2**20
+    assert _rss_bytes(reset=True) < peak - 32 * 2**20  # the freed array is out of the peak once reset
+
+
+@pytest.mark.slow
+def test_trial_times_only_the_steps_after_the_warmup(data_dir, tmp_path):
+    """A trial runs ``warmup`` steps, then ``steps`` measured ones on the same loader: 1 + 2 iterations in all, the
+    figures (from ``ThroughputHandler`` and the trainer's ``step_timer``) over the last 2."""
+    from custom_components.training import autotune
+
+    o = tiny_overrides(data_dir, tmp_path / "run", datalist="")
+    tuner = autotune._Tuner([TRAIN_JSON, DEMO_JSON], o, deadline=time.time() + 60, volumes=2)
+    seen = {}
+    rec = tuner.trial("loader", 2, 0, 2, warmup=1, steps=2, host_memory=True,
+                      after=lambda parser, trainer, r: seen.update(iteration=trainer.state.iteration))
+    assert not rec["oom"] and rec["steps"] == 2 and seen["iteration"] == 3
+    assert rec["step_s"] > 0 and 0 <= rec["data_wait_fraction"] < 1
+    assert set(rec["parts"]) == {"augment", "forward", "loss", "backward", "optimizer"}
+    assert rec["saved_bytes"] > 0 and rec["peak_rss_bytes"] >= rec["rss_before_bytes"]
+    # topology_every_n 2: iterations 1 and 3 compute the topology term, and 3 is among the measured
+    assert rec["topology_in_measured"] is True
