@@ -193,3 +193,23 @@ def test_load_datalist_without_folds(tiny_dataset, tmp_path):
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(ValueError, match="no 'training' list"):
         load_datalist(tmp_path / "x.json", tiny_dataset)
+
+
+def test_load_datalist_paths_joined_ids_kept(tiny_dataset, tmp_path):
+    """Relative paths are joined to data_root and normalised, absolute ones kept; an id that names a folder
+    of data_root stays the id (MONAI's loader alone would turn it into a path); bare test paths are images."""
+    (tiny_dataset / "1001").mkdir()
+    absolute = str(tiny_dataset / "train_labels" / "1001.tif")
+    path = tmp_path / "dl.json"
+    path.write_text(json.dumps({
+        "training": [{"id": "1001", "scroll_id": "34117", "image": "./train_images/../train_images/1001.tif",
+                      "label": absolute}],
+        "test": ["test_images/2001.tif"],
+    }))
+    train, val, test = load_datalist(path, tiny_dataset)
+    assert train == [{"id": "1001", "scroll_id": "34117", "image": str(tiny_dataset / "train_images" / "1001.tif"),
+                      "label": absolute}]
+    assert val == [] and test == [{"image": str(tiny_dataset / "test_images" / "2001.tif")}]
+    path.write_text(json.dumps({"training": [{"image": "a.tif"}], "test": ["a.tif", {"image": "b.tif"}]}))
+    with pytest.raises(ValueError, match=r"dl\.json': 'test' entries must all be dicts \(or, in 'test', all image paths\)"):
+        load_datalist(path, tiny_dataset)

@@ -199,21 +199,34 @@ def write_datalist(datalist: dict, path) -> str:
     return atomic_write_json(path, datalist)
 
 
-def _absolute(entry: dict, base: str) -> dict:
-    out = dict(entry)
-    for key in ("image", "label"):
-        value = out.get(key)
-        if isinstance(value, str) and value:
-            out[key] = value if os.path.isabs(value) else os.path.normpath(os.path.join(base, value))
-    return out
+def _resolved(path: str, data: dict, key: str, base: str) -> list[dict]:
+    """``data[key]`` with ``image`` / ``label`` joined to ``base`` by MONAI's ``load_decathlon_datalist``
+    (absolute paths kept, ``os.path.normpath``); every other key is kept as written, since MONAI would also
+    turn an id that happens to name a file under ``base`` into a path."""
+    from monai.data import load_decathlon_datalist
+
+    raw = data.get(key) or []
+    if not isinstance(raw, list):
+        raise ValueError(f"datalist '{path}': '{key}' is not a list.")
+    if not raw:
+        return []
+    if not all(isinstance(e, dict) for e in raw):
+        if key != "test" or not all(isinstance(e, str) for e in raw):  # MONAI's bare test paths: all or none
+            raise ValueError(f"datalist '{path}': '{key}' entries must all be dicts"
+                             + (" (or, in 'test', all image paths)." if key == "test" else "."))
+        raw = [{"image": e} for e in raw]
+    joined = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key, base_dir=base)
+    return [{**e, **{k: j[k] for k in ("image", "label") if k in j}} for e, j in zip(raw, joined)]
 
 
 def load_datalist(path, data_root=None, fold: int | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """``(train, val, test)`` entries of a datalist file, with absolute ``image`` / ``label`` paths.
 
-    Relative paths are joined to ``data_root`` (default: the datalist's folder). With a folds datalist,
-    ``fold=k`` (default 0) makes fold k the validation set and the other folds the training set; a
-    datalist without folds takes ``fold`` None or 0 (its own ``validation`` list).
+    Relative paths are joined to ``data_root`` (default: the datalist's folder) by MONAI's
+    ``load_decathlon_datalist``. With a folds datalist, ``fold=k`` (default 0) makes fold k the validation
+    set and the other folds the training set; a datalist without folds takes ``fold`` None or 0 (its own
+    ``validation`` list). Raises ``ValueError`` naming the file for an unreadable / invalid file, a missing
+    ``training`` list, entries without ``fold`` among entries with one, or a fold it does not hold.
     """
     path = os.fspath(path)
     try:
@@ -226,9 +239,7 @@ def load_datalist(path, data_root=None, fold: int | None = None) -> tuple[list[d
     if not isinstance(data, dict) or not isinstance(data.get("training"), list):
         raise ValueError(f"datalist '{path}' has no 'training' list.")
     base = os.fspath(data_root) if data_root else os.path.dirname(os.path.abspath(path))
-    training = [_absolute(e, base) for e in data["training"]]
-    validation = [_absolute(e, base) for e in data.get("validation") or []]
-    test = [_absolute(e if isinstance(e, dict) else {"image": e}, base) for e in data.get("test") or []]
+    training, validation, test = (_resolved(path, data, key, base) for key in ("training", "validation", "test"))
     with_fold = [e for e in training if "fold" in e]
     if with_fold:
         if len(with_fold) != len(training):
