@@ -191,6 +191,39 @@ def test_volume_reader_nifti_and_stacking(tmp_path, vol):
     assert np.array_equal(both[0].numpy(), vol) and np.array_equal(both[1].numpy(), 255 - vol)
 
 
+def test_volume_reader_stacking_metadata(tmp_path, vol):
+    """Several files: the first file's metadata; no channel -> stacked at a new axis 0 (channel dim 0);
+    channel_dim=k -> concatenated along k, spatial_shape without it."""
+    a, b = str(write_tiff(tmp_path / "a.tif", vol)), str(write_tiff(tmp_path / "b.tif", 255 - vol))
+    img, meta = VolumeReader().get_data(VolumeReader().read([a, b]))
+    assert img.shape == (2,) + SHAPE and np.array_equal(img[1], 255 - vol)
+    assert meta["filename_or_obj"] == a and meta["original_channel_dim"] == 0
+    assert list(meta["spatial_shape"]) == list(SHAPE) and np.array_equal(meta["affine"], np.eye(4))
+    img, meta = VolumeReader(channel_dim=0).get_data(VolumeReader().read([a, b]))
+    assert img.shape == (8, 5, 6) and np.array_equal(img[4:], 255 - vol)
+    assert meta["original_channel_dim"] == 0 and list(meta["spatial_shape"]) == [5, 6]
+    img, meta = VolumeReader().get_data(VolumeReader().read(a))
+    assert img.shape == SHAPE and meta["original_channel_dim"] == "no_channel"
+
+
+def test_reading_imports_neither_monai_nor_itk_until_the_adapters_are_named(tmp_path, vol):
+    import subprocess
+    import sys
+
+    p = str(write_tiff(tmp_path / "a.tif", vol))
+    code = (
+        "import sys; from custom_components.data import io; "
+        f"io.read_tiff_header({p!r}); io.read_volume({p!r}); "
+        "print(sorted(m for m in ('monai', 'itk') if m in sys.modules)); "
+        "from custom_components.data.io import TiffWriter; from monai.data import image_writer; "
+        "print(image_writer.resolve_writer('tif')[0] is TiffWriter, io.TiffWriter.__module__, io.TiffWriter.__qualname__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["[]", "True custom_components.data.io TiffWriter"]
+
+
 def test_volume_reader_bad_file_is_value_error(tmp_path):
     p = tmp_path / "bad.tif"
     p.write_bytes(b"garbage" * 20)

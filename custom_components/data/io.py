@@ -20,6 +20,11 @@ corrupt file (tifffile's silent "invalid page offset" shortening, data past the 
 ``ValueError`` naming the file and the problem, as is any other unreadable file.
 
 Writing is atomic: a temporary file in the target folder, fsync, ``os.replace``.
+
+MONAI's side, ``VolumeReader`` (an ``ImageReader``) and ``TiffWriter`` (an ``ImageWriter``, registered for
+.tif / .tiff), is defined on first use of either name, so reading a header or a volume imports neither
+MONAI nor ``itk`` (MONAI's ``image_writer`` imports ``itk`` eagerly; ``itk`` itself is imported only by the
+functions that read or write an ITK format).
 """
 
 from __future__ import annotations
@@ -33,11 +38,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from monai.data import ImageReader, ImageWriter
-from monai.data.image_reader import _copy_compatible_dict, _stack_images
-from monai.data import image_writer as _image_writer
-from monai.data.image_writer import register_writer
 
 from custom_components.atomic import fsync_dir
 
@@ -354,70 +354,6 @@ class _VolumeFile:
         return f"_VolumeFile({self.path!r})"
 
 
-class VolumeReader(ImageReader):
-    """MONAI ``ImageReader`` for 3D TIFF stacks (tifffile), NIfTI (nibabel) and ITK formats, keeping (Z, Y, X).
-
-    ``LoadImaged(keys, reader=VolumeReader())`` or ``"reader": "custom_components.data.io.VolumeReader"``.
-    Metadata: ``filename_or_obj``, ``spatial_shape``, identity ``affine`` / ``original_affine``
-    (spacing 1), ``original_channel_dim`` = ``"no_channel"`` (so ``ensure_channel_first`` adds the
-    channel). Several files are stacked as channels (same shape required). The dtype of the file is kept;
-    note that ``LoadImage`` itself casts to float32 unless given ``dtype=None`` / ``numpy.uint8``.
-    """
-
-    def __init__(self, channel_dim: int | str | None = None, **kwargs):
-        super().__init__()
-        self.channel_dim = channel_dim
-        self.kwargs = kwargs
-
-    def verify_suffix(self, filename: Sequence | os.PathLike | str) -> bool:
-        """True when every name ends in .tif/.tiff (the reader also takes NIfTI / ITK files when named)."""
-        names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
-        return bool(names) and all(os.fspath(n).lower().endswith(TIFF_SUFFIXES) for n in names)
-
-    def read(self, data, **kwargs) -> _VolumeFile | list[_VolumeFile]:
-        """Handles for the file(s), no I/O; raises ``ValueError`` for an unknown extension.
-
-        A missing / broken file is reported by ``get_data`` (so ``LoadImage`` passes our ``ValueError``
-        through instead of its generic "cannot find a suitable reader").
-        """
-        names = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-        out = []
-        for name in names:
-            path = os.fspath(name)
-            if volume_format(path) is None:
-                raise VolumeFileError(f"{path}: VolumeReader cannot read this file type.")
-            out.append(_VolumeFile(path))
-        return out if len(out) > 1 else out[0]
-
-    def get_data(self, img) -> tuple[np.ndarray, dict]:
-        """Decode the file(s): ``(array, metadata)``; arrays of several files are stacked at a new axis 0."""
-        files = img if isinstance(img, (list, tuple)) else [img]
-        arrays: list[np.ndarray] = []
-        compatible: dict[str, Any] = {}
-        for f in files:
-            path = f.path if isinstance(f, _VolumeFile) else os.fspath(f)
-            arr = read_volume(path)
-            header = {
-                "filename_or_obj": path,
-                "spatial_shape": np.asarray(
-                    arr.shape if not isinstance(self.channel_dim, int) else np.delete(arr.shape, self.channel_dim)
-                ),
-                "affine": np.eye(4),
-                "original_affine": np.eye(4),
-                "original_channel_dim": "no_channel" if self.channel_dim is None else self.channel_dim,
-            }
-            if arrays and arr.shape != arrays[0].shape:
-                raise ValueError(
-                    f"{path}: shape {list(arr.shape)} differs from {files[0].path if isinstance(files[0], _VolumeFile) else files[0]} "
-                    f"shape {list(arrays[0].shape)}; cannot stack them as channels."
-                )
-            arrays.append(arr)
-            _copy_compatible_dict(header, compatible)
-        if len(arrays) > 1 and compatible.get("original_channel_dim") == "no_channel":
-            compatible["original_channel_dim"] = float("nan")  # _stack_images then stacks at axis 0
-        return _stack_images(arrays, compatible), compatible
-
-
 def _to_uint8(arr: np.ndarray, scale: float | None, where: str) -> np.ndarray:
     """``arr`` as uint8, exactly; raises ``ValueError`` when values are not integers in [0, 255]."""
     if scale:
@@ -447,55 +383,150 @@ def _to_uint8(arr: np.ndarray, scale: float | None, where: str) -> np.ndarray:
     raise ValueError(f"{where}: dtype {arr.dtype} cannot be written as uint8.")
 
 
-class TiffWriter(ImageWriter):
-    """MONAI ``ImageWriter`` writing a uint8 multi-page LZW TIFF (Z pages of Y x X) of the input's shape.
+_MONAI_NAMES = ("VolumeReader", "TiffWriter")
+_BUILD_LOCK = threading.Lock()
 
-    Registered for ".tif"/".tiff" at import; ``SaveImage(..., writer="custom_components.data.io.TiffWriter")``.
-    A leading channel of size 1 (``channel_dim`` 0, the MONAI default) is squeezed; any other non-3D
-    shape is a ``ValueError`` naming it. No resampling (a TIFF has no geometry): the array is written
-    in its own (Z, Y, X) order. Values must be integers in [0, 255] (bool / ints / integral floats are
-    cast exactly); ``scale=255`` maps [0, 1] floats to 0..255. ``output_dtype`` is accepted for
-    ``SaveImage`` compatibility; the file is uint8 regardless. Written atomically (``write_volume``).
+
+def _monai_adapters() -> dict:
+    """``{"VolumeReader": ..., "TiffWriter": ...}``, MONAI subclasses, with the writer registered for ".tif" /
+    ".tiff". Defined on first use (module ``__getattr__``) so that the file functions above never import
+    MONAI, and with it ``itk`` (``monai.data.image_writer`` imports it eagerly).
     """
+    from monai.data import ImageReader, ImageWriter
+    from monai.data import image_writer
 
-    def __init__(self, output_dtype=np.uint8, scale: float | None = None, compression: str | None = "lzw", **kwargs):
-        super().__init__(output_dtype=output_dtype, scale=scale, compression=compression, **kwargs)
+    class VolumeReader(ImageReader):
+        """MONAI ``ImageReader`` for 3D TIFF stacks (tifffile), NIfTI (nibabel) and ITK formats, keeping (Z, Y, X).
 
-    def set_data_array(self, data_array, channel_dim: int | None = 0, squeeze_end_dims: bool = True, **kwargs):
-        """Keep ``data_array`` (numpy / tensor) as a 3D (Z, Y, X) numpy array."""
-        arr = data_array.detach().cpu().numpy() if hasattr(data_array, "detach") else np.asarray(data_array)
-        arr = np.asarray(arr)
-        shape = list(arr.shape)
-        if channel_dim is not None and arr.ndim == 4:
-            c = int(channel_dim) % 4
-            if arr.shape[c] != 1:
-                raise ValueError(f"TiffWriter writes one channel; got shape {shape} with {arr.shape[c]} channels at dim {c}.")
-            arr = np.squeeze(arr, axis=c)
-        elif arr.ndim == 4 and arr.shape[0] == 1:
-            arr = arr[0]
-        if arr.ndim != 3:
-            raise ValueError(f"TiffWriter expects a 3D (Z, Y, X) volume (or (1, Z, Y, X)), got shape {shape}.")
-        self.data_obj = arr
+        ``LoadImaged(keys, reader=VolumeReader())`` or ``"reader": "custom_components.data.io.VolumeReader"``.
+        Metadata: ``filename_or_obj``, ``spatial_shape``, identity ``affine`` / ``original_affine``
+        (spacing 1), ``original_channel_dim`` = ``"no_channel"`` (so ``ensure_channel_first`` adds the
+        channel). Several files are stacked as channels (same shape required). The dtype of the file is kept;
+        note that ``LoadImage`` itself casts to float32 unless given ``dtype=None`` / ``numpy.uint8``.
+        """
 
-    def set_metadata(self, meta_dict=None, resample: bool = False, **options):
-        """Nothing to set: a TIFF stack carries no affine; ``resample`` is ignored (no resampling)."""
-        self.meta_dict = meta_dict
+        def __init__(self, channel_dim: int | str | None = None, **kwargs):
+            super().__init__()
+            self.channel_dim = channel_dim
+            self.kwargs = kwargs
 
-    def write(self, filename, verbose: bool = False, **kwargs):
-        """Write ``self.data_obj`` to ``filename`` as uint8 (atomically)."""
-        super().write(filename, verbose=verbose)
-        if self.data_obj is None:
-            raise ValueError(f"{filename}: TiffWriter.write called before set_data_array.")
-        data = _to_uint8(np.asarray(self.data_obj), getattr(self, "scale", None), os.fspath(filename))
-        write_volume(filename, data, compression=getattr(self, "compression", "lzw"))
+        def verify_suffix(self, filename: Sequence | os.PathLike | str) -> bool:
+            """True when every name ends in .tif/.tiff (the reader also takes NIfTI / ITK files when named)."""
+            names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
+            return bool(names) and all(os.fspath(n).lower().endswith(TIFF_SUFFIXES) for n in names)
 
-    @classmethod
-    def create_backend_obj(cls, data_array, **kwargs) -> np.ndarray:
-        """The uint8 numpy array that ``write`` stores."""
-        return _to_uint8(np.asarray(super().create_backend_obj(data_array)), kwargs.get("scale"), "TiffWriter")
+        def read(self, data, **kwargs) -> _VolumeFile | list[_VolumeFile]:
+            """Handles for the file(s), no I/O; raises ``ValueError`` for an unknown extension.
+
+            A missing / broken file is reported by ``get_data`` (so ``LoadImage`` passes our ``ValueError``
+            through instead of its generic "cannot find a suitable reader").
+            """
+            names = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+            out = []
+            for name in names:
+                path = os.fspath(name)
+                if volume_format(path) is None:
+                    raise VolumeFileError(f"{path}: VolumeReader cannot read this file type.")
+                out.append(_VolumeFile(path))
+            return out if len(out) > 1 else out[0]
+
+        def get_data(self, img) -> tuple[np.ndarray, dict]:
+            """Decode the file(s): ``(array, metadata)``; arrays of several files are stacked at a new axis 0."""
+            files = img if isinstance(img, (list, tuple)) else [img]
+            arrays: list[np.ndarray] = []
+            meta: dict[str, Any] = {}
+            for f in files:
+                path = f.path if isinstance(f, _VolumeFile) else os.fspath(f)
+                arr = read_volume(path)
+                header = {
+                    "filename_or_obj": path,
+                    "spatial_shape": np.asarray(
+                        arr.shape if not isinstance(self.channel_dim, int) else np.delete(arr.shape, self.channel_dim)
+                    ),
+                    "affine": np.eye(4),
+                    "original_affine": np.eye(4),
+                    "original_channel_dim": "no_channel" if self.channel_dim is None else self.channel_dim,
+                }
+                if arrays and arr.shape != arrays[0].shape:
+                    raise ValueError(
+                        f"{path}: shape {list(arr.shape)} differs from {files[0].path if isinstance(files[0], _VolumeFile) else files[0]} "
+                        f"shape {list(arrays[0].shape)}; cannot stack them as channels."
+                    )
+                arrays.append(arr)
+                meta = meta or header  # the first file's (same shape, identity affine for all)
+            if len(arrays) == 1:
+                return arrays[0], meta
+            if meta["original_channel_dim"] == "no_channel":  # stacked at a new axis 0, which is the channel
+                meta["original_channel_dim"] = 0
+                return np.stack(arrays, axis=0), meta
+            return np.concatenate(arrays, axis=int(meta["original_channel_dim"])), meta
+
+    class TiffWriter(ImageWriter):
+        """MONAI ``ImageWriter`` writing a uint8 multi-page LZW TIFF (Z pages of Y x X) of the input's shape.
+
+        Registered for ".tif"/".tiff" (before MONAI's writers) when this module's ``VolumeReader`` or
+        ``TiffWriter`` is first named; ``SaveImage(..., writer="custom_components.data.io.TiffWriter")``.
+        A leading channel of size 1 (``channel_dim`` 0, the MONAI default) is squeezed; any other non-3D
+        shape is a ``ValueError`` naming it. No resampling (a TIFF has no geometry): the array is written
+        in its own (Z, Y, X) order. Values must be integers in [0, 255] (bool / ints / integral floats are
+        cast exactly); ``scale=255`` maps [0, 1] floats to 0..255. ``output_dtype`` is accepted for
+        ``SaveImage`` compatibility; the file is uint8 regardless. Written atomically (``write_volume``).
+        """
+
+        def __init__(self, output_dtype=np.uint8, scale: float | None = None, compression: str | None = "lzw", **kwargs):
+            super().__init__(output_dtype=output_dtype, scale=scale, compression=compression, **kwargs)
+
+        def set_data_array(self, data_array, channel_dim: int | None = 0, squeeze_end_dims: bool = True, **kwargs):
+            """Keep ``data_array`` (numpy / tensor) as a 3D (Z, Y, X) numpy array."""
+            arr = data_array.detach().cpu().numpy() if hasattr(data_array, "detach") else np.asarray(data_array)
+            arr = np.asarray(arr)
+            shape = list(arr.shape)
+            if channel_dim is not None and arr.ndim == 4:
+                c = int(channel_dim) % 4
+                if arr.shape[c] != 1:
+                    raise ValueError(f"TiffWriter writes one channel; got shape {shape} with {arr.shape[c]} channels at dim {c}.")
+                arr = np.squeeze(arr, axis=c)
+            elif arr.ndim == 4 and arr.shape[0] == 1:
+                arr = arr[0]
+            if arr.ndim != 3:
+                raise ValueError(f"TiffWriter expects a 3D (Z, Y, X) volume (or (1, Z, Y, X)), got shape {shape}.")
+            self.data_obj = arr
+
+        def set_metadata(self, meta_dict=None, resample: bool = False, **options):
+            """Nothing to set: a TIFF stack carries no affine; ``resample`` is ignored (no resampling)."""
+            self.meta_dict = meta_dict
+
+        def write(self, filename, verbose: bool = False, **kwargs):
+            """Write ``self.data_obj`` to ``filename`` as uint8 (atomically)."""
+            super().write(filename, verbose=verbose)
+            if self.data_obj is None:
+                raise ValueError(f"{filename}: TiffWriter.write called before set_data_array.")
+            data = _to_uint8(np.asarray(self.data_obj), getattr(self, "scale", None), os.fspath(filename))
+            write_volume(filename, data, compression=getattr(self, "compression", "lzw"))
+
+        @classmethod
+        def create_backend_obj(cls, data_array, **kwargs) -> np.ndarray:
+            """The uint8 numpy array that ``write`` stores."""
+            return _to_uint8(np.asarray(super().create_backend_obj(data_array)), kwargs.get("scale"), "TiffWriter")
+
+    for cls in (VolumeReader, TiffWriter):
+        cls.__qualname__ = cls.__name__  # pickled by reference, as custom_components.data.io.<name>
+    if not image_writer.SUPPORTED_WRITERS:
+        image_writer.init()  # MONAI's defaults first: resolve_writer only calls init() on an empty registry
+    image_writer.register_writer("tif", TiffWriter)
+    image_writer.register_writer("tiff", TiffWriter)
+    return {"VolumeReader": VolumeReader, "TiffWriter": TiffWriter}
 
 
-if not _image_writer.SUPPORTED_WRITERS:
-    _image_writer.init()  # MONAI's defaults first: resolve_writer only calls init() on an empty registry
-register_writer("tif", TiffWriter)
-register_writer("tiff", TiffWriter)
+def __getattr__(name: str):
+    """``VolumeReader`` / ``TiffWriter``: defined (once, under a lock) on first use; see ``_monai_adapters``."""
+    if name in _MONAI_NAMES:
+        with _BUILD_LOCK:
+            if name not in globals():
+                globals().update(_monai_adapters())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MONAI_NAMES))
