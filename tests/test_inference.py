@@ -134,14 +134,14 @@ def test_a_setting_that_contradicts_the_checkpoint_fails_before_any_volume(train
     assert any(n.endswith(".tif") for n in os.listdir(out))
 
 
-def test_ensemble_and_tta_average_probabilities():
+def test_probability_ensemble_is_the_sigmoid_of_fused_logits():
     torch.manual_seed(0)
     a, b = torch.nn.Conv3d(1, 1, 3, padding=1), torch.nn.Conv3d(1, 1, 3, padding=1)
     x = torch.randn(1, 1, 6, 6, 6)
     both = ProbabilityEnsemble([a, b])(x)
-    assert torch.allclose(both, (torch.sigmoid(a(x)) + torch.sigmoid(b(x))) / 2, atol=1e-6)
-    flip = ProbabilityEnsemble([a], tta_flips=2)(x)  # identity and a flip of the last axis
-    manual = (torch.sigmoid(a(x)) + torch.flip(torch.sigmoid(a(torch.flip(x, (2,)))), (2,))) / 2
+    assert torch.allclose(both, torch.sigmoid((a(x) + b(x)) / 2), atol=1e-6)
+    flip = ProbabilityEnsemble([a], tta_flips=2)(x)  # identity and a flip of the last axis, logits averaged
+    manual = torch.sigmoid((a(x) + torch.flip(a(torch.flip(x, (2,))), (2,))) / 2)
     assert torch.allclose(flip, manual, atol=1e-6)
     with pytest.raises(ValueError, match="tta_flips must be in 1..8"):
         ProbabilityEnsemble([a], tta_flips=9)
@@ -196,3 +196,29 @@ def test_torchscript_export_loads_in_inference_with_equal_output(trained, tmp_pa
         assert np.array_equal(tifffile.imread(out_ckpt / name), tifffile.imread(out_ts / name))
 
 
+
+
+def test_two_checkpoints_of_other_window_sizes_fuse_in_inference_json(trained, tmp_path):
+    """An ensemble of networks trained at 16^3 and 24^3: each runs its own sliding window (its own size), the
+    logits are fused, the sigmoid taken once. Both members hold the same weights, so the fused logits stay
+    close to that network's alone (they differ only by how the two window grids blend)."""
+    from training_utils import save_checkpoint_as_training, tiny_network
+
+    root, data, ckpt = trained
+    model_pt = root / "run" / "models" / "model.pt"
+    wider = tiny_network({"patch_size": [24, 24, 24], "filters": [4, 8, 16], "deep_supr_num": 1})
+    wider.load_state_dict(torch.load(model_pt, weights_only=True)["network"])  # same weights, a 24^3 window
+    ckpt24 = save_checkpoint_as_training(wider, tmp_path / "w24")
+    runs = {}
+    for name, paths in (("single16", str(model_pt)), ("pair", f"{model_pt},{ckpt24}")):
+        out = tmp_path / name
+        wf = _infer(INFER_JSON, dataset_dir=data, output_dir=str(out), ckpt_path=paths, device="cpu", amp=False,
+                    min_component_size=0, save_logits=True)
+        runs[name] = out
+    assert [s["patch_size"] for s in wf.parser.get_parsed_content("network_specs")] == [[16, 16, 16], [24, 24, 24]]
+    assert [list(i.roi_size) for i in wf.parser.get_parsed_content("inferer").inferers] == [[16, 16, 16], [24, 24, 24]]
+    for name in os.listdir(runs["pair"] / "logits"):
+        single = np.load(runs["single16"] / "logits" / name).astype(np.float32)
+        pair = np.load(runs["pair"] / "logits" / name).astype(np.float32)
+        assert pair.shape == single.shape and np.isfinite(pair).all()
+        assert 0 < np.abs(pair - single).max() < 4  # the 24^3 windows blend differently: close, not equal

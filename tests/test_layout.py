@@ -174,7 +174,7 @@ def test_checkpoints_hold_no_module_paths(tmp_path):
 
 
 CLI_MODULES = ["data.synthetic", "data.validate_data", "data.datalist", "data.convert_nnunet", "training.autotune",
-               "metrics.evaluate", "inference.submission", "inference.report", "inference.tune_postprocess"]
+               "training.average_checkpoints", "metrics.evaluate", "inference.submission", "inference.report", "inference.tune_postprocess"]
 
 
 def test_every_command_module_is_in_the_readme_and_has_help():

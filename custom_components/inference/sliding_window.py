@@ -1,8 +1,9 @@
-"""Inference building blocks: checkpoint ensembles with mirror TTA, and a sliding window that survives OOM.
+"""Inference building blocks: the networks checkpoints describe, and a sliding window that survives OOM.
 
-``ProbabilityEnsemble`` averages ``sigmoid`` probabilities over several networks (e.g. one checkpoint
-per fold) and over up to 8 mirror flips; each network is a checkpoint of ``network_def`` or a
-TorchScript export (``.ts``). ``RobustSlidingWindowInferer`` is MONAI's ``SlidingWindowInfererAdapt``
+``resolve_network_specs`` / ``load_ensemble_members`` build each checkpoint's network from the settings it
+carries (a ``.pt`` checkpoint, ``model.pt``, or a TorchScript export ``.ts``); ``ProbabilityEnsemble`` is
+the sigmoid of their fused logits on one window (``custom_components.inference.ensemble``).
+``RobustSlidingWindowInferer`` is MONAI's ``SlidingWindowInfererAdapt``
 (Gaussian blending; stitching moved to a buffer, then to the CPU, on a CUDA out-of-memory error) that
 also halves the window batch when the error persists, rather than failing.
 """
@@ -10,7 +11,6 @@ also halves the window batch when the error persists, rather than failing.
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -26,8 +26,8 @@ from custom_components.training.checkpoint import (
 )
 from custom_components.training.network import spec_differences
 
-__all__ = ["ProbabilityEnsemble", "RobustSlidingWindowInferer", "load_networks", "parse_ckpt_paths", "input_records",
-           "file_network_spec", "resolve_network_spec", "image_folder"]
+__all__ = ["ProbabilityEnsemble", "RobustSlidingWindowInferer", "load_networks", "load_ensemble_members", "parse_ckpt_paths",
+           "input_records", "file_network_spec", "resolve_network_spec", "resolve_network_specs", "image_folder"]
 
 logger = logging.getLogger("vesuvius.inference")
 
@@ -59,34 +59,45 @@ def file_network_spec(path: str) -> dict | None:
     return checkpoint_network_spec(load_checkpoint(path))
 
 
-def resolve_network_spec(ckpt_path, **settings) -> dict:
-    """The spec to build the network from: the one the checkpoint(s) carry, checked against every setting
-    given (not None) on the command line; ``ValueError`` naming the setting and both values on a
-    contradiction, before any volume is read. Several checkpoints must carry the same spec. A checkpoint
-    without a spec (written before specs existed) takes the settings given, ``patch_size`` required."""
+def resolve_network_specs(ckpt_path, **settings) -> list[dict]:
+    """One spec per checkpoint to build its network from: the one the checkpoint carries, checked against every
+    setting given (not None) on the command line; ``ValueError`` naming the setting and both values on a
+    contradiction, before any volume is read. A checkpoint without a spec (written before specs existed)
+    takes the settings given, ``patch_size`` required. Checkpoints of an ensemble may differ (another
+    window size, another network)."""
     given = {k: v for k, v in settings.items() if v is not None}
-    found = [(p, file_network_spec(p)) for p in parse_ckpt_paths(ckpt_path)]
-    specs = [(p, s) for p, s in found if s]
-    for (p0, s0), (p1, s1) in zip(specs, specs[1:]):
-        if spec_differences(s0, s1):
-            raise ValueError(f"checkpoints {p0} and {p1} hold different networks: {'; '.join(spec_differences(s0, s1))}.")
-    if not specs:
-        if "patch_size" not in given:
-            raise ValueError(f"checkpoint {found[0][0]} carries no network settings (written before they were recorded): "
-                             "give --patch_size (and --filters, --deep_supr_num if not the defaults).")
-        return {"kind": "dynunet", **given}
-    path, spec = specs[0]
-    for name, value in given.items():
-        if name in spec and spec_differences({name: spec[name]}, {name: value}):
-            raise ValueError(f"--{name} {value!r} contradicts checkpoint {path}, trained with {name}={spec[name]!r}: "
-                             f"leave --{name} out (the checkpoint sets it) or give a checkpoint trained so.")
-    return spec
+    specs = []
+    for path in parse_ckpt_paths(ckpt_path):
+        spec = file_network_spec(path)
+        if not spec:
+            if "patch_size" not in given:
+                raise ValueError(f"checkpoint {path} carries no network settings (written before they were recorded): "
+                                 "give --patch_size (and --filters, --deep_supr_num if not the defaults).")
+            spec = {"kind": "dynunet", **given}
+        for name, value in given.items():
+            if name in spec and spec_differences({name: spec[name]}, {name: value}):
+                raise ValueError(f"--{name} {value!r} contradicts checkpoint {path}, trained with {name}={spec[name]!r}: "
+                                 f"leave --{name} out (the checkpoint sets it) or give a checkpoint trained so.")
+        specs.append(spec)
+    return specs
+
+
+def resolve_network_spec(ckpt_path, **settings) -> dict:
+    """The spec of the first checkpoint (``resolve_network_specs``), for one network or an export."""
+    return resolve_network_specs(ckpt_path, **settings)[0]
 
 
 def image_folder(dataset_dir: str, subfolder: str) -> str:
     """``dataset_dir/subfolder`` where a Kaggle-layout root holds it (``test_images``, ...), else ``dataset_dir``."""
     candidate = os.path.join(dataset_dir, subfolder)
     return candidate if os.path.isdir(candidate) else dataset_dir
+
+
+def load_ensemble_members(specs: Sequence[dict], ckpt_path, device="cpu") -> list[torch.nn.Module]:
+    """One network per checkpoint, each built from its own spec (``resolve_network_specs``), eval mode."""
+    from custom_components.training.network import build_network
+
+    return [load_networks(build_network(**spec), path, device)[0] for spec, path in zip(specs, parse_ckpt_paths(ckpt_path))]
 
 
 def load_networks(network_def: torch.nn.Module, ckpt_path, device="cpu") -> list[torch.nn.Module]:
@@ -102,38 +113,19 @@ def load_networks(network_def: torch.nn.Module, ckpt_path, device="cpu") -> list
     return nets
 
 
-def _flip_sets(n_flips: int) -> list[tuple[int, ...]]:
-    combos = [c for r in range(4) for c in itertools.combinations((2, 3, 4), r)]
-    if not 1 <= n_flips <= 8:
-        raise ValueError(f"tta_flips must be in 1..8 (1 = no test-time augmentation), got {n_flips}.")
-    return combos[:n_flips]
-
-
 class ProbabilityEnsemble(torch.nn.Module):
-    """p(x) = mean over networks n and flips f of f^-1(sigmoid(n(f(x)))) (channel 0 of the main head)."""
+    """sigmoid of the fused logits of ``custom_components.inference.ensemble.LogitEnsemble`` on one window
+    (for callers that want probabilities from a single window size)."""
 
-    def __init__(self, networks: Sequence[torch.nn.Module], tta_flips: int = 1):
+    def __init__(self, networks: Sequence[torch.nn.Module], tta_flips: int = 1, **kwargs):
         super().__init__()
-        if not networks:
-            raise ValueError("ProbabilityEnsemble needs at least one network.")
-        self.networks = torch.nn.ModuleList(networks) if all(isinstance(n, torch.nn.Module) for n in networks) else list(networks)
-        self.flips = _flip_sets(tta_flips)
+        from custom_components.inference.ensemble import LogitEnsemble
+
+        self.logits = LogitEnsemble(networks, tta_flips=tta_flips, **kwargs)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        total = None
-        for net in self.networks:
-            for dims in self.flips:
-                xi = torch.flip(x, dims) if dims else x
-                out = net(xi)
-                if isinstance(out, (list, tuple)):
-                    out = out[0]
-                if out.ndim == x.ndim + 1:  # stacked deep-supervision heads
-                    out = out[:, 0]
-                p = torch.sigmoid(out.float())
-                p = torch.flip(p, dims) if dims else p
-                total = p if total is None else total + p
-        return total / (len(self.networks) * len(self.flips))
+        return torch.sigmoid(self.logits(x))
 
 
 class RobustSlidingWindowInferer(SlidingWindowInfererAdapt):

@@ -46,6 +46,7 @@ __all__ = [
     "write_model_pt",
     "checkpoint_network_spec",
     "NetworkInitializer",
+    "inference_weights",
 ]
 
 logger = logging.getLogger("vesuvius.checkpoint")
@@ -286,6 +287,13 @@ def checkpoint_network_spec(ckpt: dict) -> dict | None:
     return dict(spec) if spec else None
 
 
+def inference_weights(ckpt: dict) -> tuple[dict, str]:
+    """``(state_dict, "ema" | "network")``: a checkpoint's EMA weights when it holds them, else its network's."""
+    if isinstance(ckpt.get("ema"), dict):  # weight averaging on: the averaged weights are the inference weights
+        return {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}, "ema"
+    return _network_state(ckpt), "network"
+
+
 def write_model_pt(ckpt_dir: str | Path, model_path: str | Path, prefer: tuple[str, ...] = ("best.pt", "last.pt"),
                    rank: int = 0) -> str | None:
     """The inference weights of a run: the first of ``prefer`` found in ``ckpt_dir``, network weights (the
@@ -300,10 +308,7 @@ def write_model_pt(ckpt_dir: str | Path, model_path: str | Path, prefer: tuple[s
     ckpt = load_checkpoint(source)
     spec = checkpoint_network_spec(ckpt)
     meta = {k: v for k, v in ckpt.get("meta", {}).items() if k in ("network", "epoch", "iteration", "best_metric")}
-    weights, kind = _network_state(ckpt), "network"
-    if isinstance(ckpt.get("ema"), dict):  # weight averaging on: the averaged weights are the inference weights
-        weights = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
-        kind = "ema"
+    weights, kind = inference_weights(ckpt)
     atomic_torch_save({"network": weights, "meta": {**meta, "source": source.name, "weights": kind}}, model_path)
     atomic_write_json(str(model_path.with_name("network.json")), {"network_spec": spec})
     logger.info("wrote %s (network weights of %s, epoch %s)", model_path, source, meta.get("epoch"))
