@@ -36,6 +36,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_JSON = os.path.join(REPO, "bundle", "configs", "train.json")
 
 
+def emit_json(result: dict, out: str | None = None) -> None:
+    """The bench's last line: ``result`` as one JSON line, also written to ``out`` when given."""
+    line = json.dumps(result)
+    print(line)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(line + "\n")
+
+
 def make_data(root: str, edge: int, volumes: int = 3) -> str:
     """Synthetic scrolls in the Kaggle layout under ``root`` (reused when already there)."""
     from custom_components.data.synthetic import write_dataset
@@ -213,11 +222,7 @@ def main(argv=None):
     for name, v in rows:
         print(f"{name:<30} {'-' if v is None else f'{v:.4g}':>10}")
     print(f"{'sync check (steps %d-%d)' % (a.sync_from, a.sync_to):<30} {res['sync_check']}")
-    line = json.dumps(res)
-    print(line)
-    if a.out:
-        with open(a.out, "w") as fh:
-            fh.write(line + "\n")
+    emit_json(res, a.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Prints a table and one JSON line (``--out`` writes it too). Without CUDA it runs
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -37,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.gpu_trainer import bare_step_s, make_data, run_trainer  # noqa: E402
+from bench.gpu_trainer import bare_step_s, emit_json, make_data, run_trainer  # noqa: E402
 
 
 def nnunet_transforms(patch: int, ds_scales):
@@ -249,11 +248,7 @@ def main(argv=None):
         for name, r in res["networks"].items():
             mem = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
             print(f"{name:<52} {r['step_s']:8.3f} {mem:>8} {r['params_m']:9.1f}")
-    line = json.dumps(res)
-    print(line)
-    if a.out:
-        with open(a.out, "w") as fh:
-            fh.write(line + "\n")
+    emit_json(res, a.out)
 
 
 if __name__ == "__main__":

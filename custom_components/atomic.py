@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 
-__all__ = ["fsync_dir", "atomic_write_text", "atomic_write_json"]
+__all__ = ["fsync_dir", "atomic_write", "atomic_write_text", "atomic_write_json"]
 
 
 def fsync_dir(folder) -> None:
@@ -27,14 +27,15 @@ def fsync_dir(folder) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path, text: str, newline: str | None = None) -> str:
-    """Write ``text`` to ``path`` atomically; returns ``path`` (its folder must exist)."""
+def atomic_write(path, write, mode: str = "w", newline: str | None = None) -> str:
+    """``write(file)`` into a temporary file beside ``path``, fsync, ``os.replace``; returns ``path`` (its
+    folder must exist). On any failure the temporary file is removed and ``path`` is untouched."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "w", newline=newline) as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": newline})) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -42,7 +43,13 @@ def atomic_write_text(path, text: str, newline: str | None = None) -> str:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(folder)
     return path
+
+
+def atomic_write_text(path, text: str, newline: str | None = None) -> str:
+    """Write ``text`` to ``path`` atomically; returns ``path`` (its folder must exist)."""
+    return atomic_write(path, lambda fh: fh.write(text), "w", newline)
 
 
 def atomic_write_json(path, obj, indent: int = 2) -> str:

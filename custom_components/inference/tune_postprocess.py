@@ -113,24 +113,11 @@ def read_logits(path) -> np.ndarray:
 
 
 def _save_npy(path: str, arr: np.ndarray) -> str:
-    """``np.save`` to ``path`` atomically (temporary file beside it, fsync, ``os.replace``)."""
-    from custom_components.atomic import fsync_dir
+    """``np.save`` to ``path`` atomically (``custom_components.atomic.atomic_write``), its folder created."""
+    from custom_components.atomic import atomic_write
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(folder)
-    return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return atomic_write(path, lambda fh: np.save(fh, arr, allow_pickle=False), "wb")
 
 
 def _stem(name: str) -> str:
