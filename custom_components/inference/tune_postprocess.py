@@ -52,13 +52,8 @@ import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from custom_components.inference.postprocess import (
-    PostProcess,
-    _to_volume,
-    pipeline_config,
-    pipeline_from_config,
-    save_postprocess,
-)
+from custom_components.inference.postprocess import PostProcess, pipeline_config, pipeline_from_config, save_postprocess
+from custom_components.inference.postprocess._base import _to_volume
 
 __all__ = [
     "MIN_VOLUMES",
