@@ -109,7 +109,8 @@ def preflight(
     if not train:
         raise ValueError(f"no training volumes in {datalist or dataset_dir}.")
     entries = train + val
-    problems = validate_volumes([e["image"] for e in entries], [e["label"] for e in entries], decode=False)
+    problems = validate_volumes([e["image"] for e in entries], [e["label"] for e in entries], decode=False,
+                                progress=rank == 0)  # one bar, not one per rank
     if problems:
         raise ValueError(f"{len(problems)} problem(s) in the training data:\n  " + "\n  ".join(problems))
     shapes = {e["id"]: read_tiff_header(e["image"])[0] for e in entries}
