@@ -7,13 +7,17 @@ DEMO_DIR ?= demo_out
 
 .PHONY: demo test venv clean bench gpu-rehearsal device-wheels
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# Its own step: topolosses' metadata pulls torchvision and with it another torch.
 	$(BIN)/python -m pip install --quiet --no-deps topolosses==0.2.0
 	$(BIN)/python -c "import custom_components.metrics.betti_matching as b; b.load_extension()"
+	# Its own step too: nnU-Net's ResEnc (bundle/configs/resenc.json). dynamic-network-architectures' metadata pulls
+	# timm, torchvision and torch 2.14 with CUDA; architectures/unet.py imports only torch and numpy.
+	$(BIN)/python -m pip install --quiet --no-deps dynamic-network-architectures==0.4.4
+	$(BIN)/python -c "import dynamic_network_architectures.architectures.unet"
 	touch $(STAMP)
 
 venv: $(STAMP)

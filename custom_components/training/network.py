@@ -12,17 +12,26 @@ fits them: a patch that is not divisible by the total stride fails deep inside `
 concatenation error. ``plan_dynunet`` derives the lists from the patch (as nnU-Net's planner does:
 halve an axis while it stays >= ``min_feature_size``, at most ``max_levels`` - 1 times), and
 ``check_patch_size`` refuses a patch that the plan cannot take, naming the nearest valid patch.
+
+``build_resenc`` builds nnU-Net's residual-encoder U-Net (``ResidualEncoderUNet`` of
+``dynamic-network-architectures`` 0.4.4, installed with ``--no-deps``: its metadata pulls timm, torchvision and
+another torch; ``architectures/unet.py`` imports only torch and numpy) on the same plan, as ``ResEncUNet``: in
+training it returns the main head and ``deep_supr_num`` deep-supervision heads as a list at falling resolution
+(full, 1/2, 1/4, ...), in eval mode the main head alone as a tensor (inference, ``ckpt_export --use_trace``,
+``onnx_export``, ``verify_net_in_out``), like MONAI's ``DynUNet``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
+import torch
 from monai.networks.nets import DynUNet
 
-__all__ = ["plan_dynunet", "check_patch_size", "nearest_valid_patch", "build_dynunet", "build_network", "network_spec_of",
-           "spec_differences", "NETWORK_BUILDERS"]
+__all__ = ["plan_dynunet", "check_patch_size", "nearest_valid_patch", "build_dynunet", "build_resenc", "resenc_class",
+           "build_network", "network_spec_of", "spec_differences", "NETWORK_BUILDERS", "RESENC_BLOCKS"]
 
 
 def _levels_per_axis(patch_size: Sequence[int], min_feature_size: int, max_levels: int) -> list[int]:
@@ -116,8 +125,113 @@ def build_dynunet(
     )
 
 
+#: residual blocks per encoder stage of nnU-Net's ResEnc presets M and L (``nnUNetPlannerResEncM`` / ``...L``;
+#: the presets share the blocks and differ in the GPU memory they plan patch and batch for)
+RESENC_BLOCKS = (1, 3, 4, 6, 6, 6, 6)
+
+#: the version ``ResEncUNet.forward`` was written against (it walks the decoder's ``transpconvs``, ``stages``
+#: and ``seg_layers`` as ``UNetDecoder.forward`` of that version does)
+RESENC_PACKAGE = "dynamic-network-architectures==0.4.4"
+
+
+@functools.lru_cache(maxsize=None)
+def resenc_class():
+    """``ResEncUNet``, a subclass of nnU-Net's ``ResidualEncoderUNet`` (imported here, on first use, so that the
+    bundle runs without the package as long as no ResEnc is built).
+
+    ``ResidualEncoderUNet`` returns every deep-supervision head in training and evaluation alike (its decoder's
+    ``deep_supervision`` flag). ``ResEncUNet`` returns ``[main, 1/2, ..., 1/2**k]`` resolution heads, k =
+    ``deep_supr_num``, in training mode with ``deep_supervision`` on, and the main head alone, a (B, C, *S) tensor,
+    otherwise; a head it never returns is not computed, and its 1x1 convolution is not built (no parameter
+    without a gradient, which DDP would refuse), so its state dict lacks those ``decoder.seg_layers.<i>`` entries.
+    """
+    try:
+        from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+    except ImportError as e:
+        raise ImportError(
+            f"network kind 'resenc' needs nnU-Net's dynamic-network-architectures: pip install --no-deps {RESENC_PACKAGE} "
+            "(`make venv` does; without --no-deps its metadata pulls timm, torchvision and another torch)."
+        ) from e
+
+    class ResEncUNet(ResidualEncoderUNet):
+        """nnU-Net's ``ResidualEncoderUNet`` with a list of ``deep_supr_num + 1`` heads in training only."""
+
+        def __init__(self, *args, deep_supervision: bool = True, deep_supr_num: int = 3, **kwargs):
+            super().__init__(*args, deep_supervision=deep_supervision, **kwargs)
+            n = len(self.decoder.stages)
+            self.deep_supr_num = int(deep_supr_num) if deep_supervision else 0
+            if not 0 <= self.deep_supr_num <= n - 1:
+                raise ValueError(f"deep_supr_num {deep_supr_num} must be in 0..{n - 1} for {n + 1} stages.")
+            for s in range(n - 1 - self.deep_supr_num):  # heads never returned: no parameters
+                self.decoder.seg_layers[s] = torch.nn.Identity()
+
+        def forward(self, x: torch.Tensor):
+            skips = self.encoder(x)
+            dec = self.decoder
+            n = len(dec.stages)
+            k = self.deep_supr_num if self.training else 0
+            heads, low = [], skips[-1]
+            for s in range(n):  # UNetDecoder.forward of 0.4.4, computing only the heads returned
+                y = dec.stages[s](torch.cat((dec.transpconvs[s](low), skips[-(s + 2)]), 1))
+                if s >= n - 1 - k:
+                    heads.append(dec.seg_layers[s](y))
+                low = y
+            return heads[::-1] if k else heads[-1]
+
+    ResEncUNet.__module__, ResEncUNet.__qualname__ = __name__, "ResEncUNet"  # the name __getattr__ resolves
+    return ResEncUNet
+
+
+def __getattr__(name: str):
+    """``custom_components.training.network.ResEncUNet`` resolves to ``resenc_class()`` (PEP 562)."""
+    if name == "ResEncUNet":
+        return resenc_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build_resenc(
+    patch_size: Sequence[int],
+    filters: Sequence[int] = (32, 64, 128, 256, 320, 320),
+    blocks_per_stage: Sequence[int] = RESENC_BLOCKS,
+    decoder_convs: int = 1,
+    in_channels: int = 1,
+    out_channels: int = 1,
+    deep_supervision: bool = True,
+    deep_supr_num: int = 3,
+    min_feature_size: int = 4,
+    max_levels: int = 6,
+):
+    """nnU-Net's residual-encoder U-Net (ResEnc M / L blocks) planned for ``patch_size`` as ``plan_dynunet``
+    plans DynUNet (checked first), nnU-Net's settings otherwise: 3^3 kernels, instance norm (eps 1e-5, affine),
+    leaky ReLU, conv bias, ``decoder_convs`` convolutions per decoder stage, He initialisation with the last norm
+    of each residual block at 0 (``ResidualEncoderUNet.initialize``, as nnU-Net's trainer applies it).
+
+    ``filters`` (nnU-Net's ``features_per_stage``) and ``blocks_per_stage`` are truncated to the depth;
+    ``deep_supr_num`` extra heads are returned in training (capped at depth - 2, as DynUNet's).
+    At patch 128^3 this is the ``3d_fullres`` network of nnU-Net's ``nnUNetResEncUNetMPlans`` for the Kaggle
+    volumes: 6 stages, strides 1, 2, 2, 2, 2, 2, features 32-320, blocks 1, 3, 4, 6, 6, 6, one decoder convolution.
+    """
+    plan = plan_dynunet(patch_size, min_feature_size, max_levels)
+    check_patch_size(patch_size, plan["strides"])
+    depth = len(plan["strides"])
+    for name, values in (("filters", filters), ("blocks_per_stage", blocks_per_stage)):
+        if len(values) < depth:
+            raise ValueError(f"{name} {list(values)} has {len(values)} entries; patch_size {list(patch_size)} needs {depth}.")
+    if depth < 2:
+        raise ValueError(f"patch_size {list(patch_size)} plans {depth} stage; a U-Net needs 2 or more.")
+    net = resenc_class()(
+        in_channels, depth, [int(f) for f in filters[:depth]], torch.nn.Conv3d, plan["kernel_size"], plan["strides"],
+        [int(b) for b in blocks_per_stage[:depth]], out_channels, [int(decoder_convs)] * (depth - 1),
+        conv_bias=True, norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True},
+        deep_supervision=deep_supervision, deep_supr_num=max(1, min(int(deep_supr_num), depth - 2)) if depth > 2 else 0,
+    )
+    net.apply(net.initialize)
+    return net
+
+
 #: the networks a spec's ``kind`` can name; each takes its settings as keyword arguments
-NETWORK_BUILDERS = {"dynunet": build_dynunet}
+NETWORK_BUILDERS = {"dynunet": build_dynunet, "resenc": build_resenc}
 
 
 def _plain(value):
