@@ -38,6 +38,7 @@ MERGES = [
     ["inference.json"],
     ["inference.json", "demo_inference.json"],
     ["inference.json", "evaluate.json"],
+    ["predict_zarr.json"],
 ]
 
 REF = re.compile(r"@(\w+(?:#\w+)*)")
@@ -177,7 +178,8 @@ def test_checkpoints_hold_no_module_paths(tmp_path):
 
 
 CLI_MODULES = ["data.synthetic", "data.validate_data", "data.datalist", "data.convert_nnunet", "training.autotune",
-               "training.average_checkpoints", "metrics.evaluate", "inference.submission", "inference.report", "inference.tune_postprocess"]
+               "training.average_checkpoints", "metrics.evaluate", "inference.submission", "inference.report", "inference.tune_postprocess",
+               "inference.predict_zarr"]
 
 
 def test_every_command_module_is_in_the_readme_and_has_help():
