@@ -203,6 +203,7 @@ def _blend(member: Member, box: Box, raw: torch.Tensor, raw_box: Box, intensity,
     return acc / cnt, len(windows)
 
 
+@torch.no_grad()
 def fused_logits(
     members: Sequence[Member],
     box: Box,
@@ -233,6 +234,7 @@ def fused_logits(
     return fused, n_windows
 
 
+@torch.no_grad()
 def predict_box(
     members: Sequence[Member],
     box: Box,
