@@ -21,7 +21,8 @@ DISTRIBUTIONS = {"torch": "torch", "monai": "monai", "numpy": "numpy", "ignite":
 
 #: imported inside try/except, for an optional extra of pyproject.toml (not required, so not in metadata.json)
 OPTIONAL = {"pynvml": "nvidia-ml-py (extra gpu)",
-            "dynamic_network_architectures": "dynamic-network-architectures (--no-deps, Makefile; network kind 'resenc' only)"}
+            "dynamic_network_architectures": "dynamic-network-architectures (--no-deps, Makefile; network kind 'resenc' only)",
+            "zarr": "zarr (extra zarr)", "distributed": "dask[distributed] (extra zarr)"}
 
 
 def _third_party_imports() -> set[str]:
