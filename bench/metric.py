@@ -5,12 +5,10 @@ Volume pairs (label uint8 0/1/2, prediction = the label's surface perturbed: shi
 sheet normal, dust voxels added, single-voxel holes punched):
 
 - ``synthetic``: ``custom_components.data.synthetic.generate_volume`` (scroll-like: wound, undulating sheets with
-  holes, bridges, a 1-2 voxel recto layer, label 2 on the border and unannotated blobs), default 128^3.
-  Its recto layer is 26- but not 6-connected, and the Betti matching (V-construction: 6-connected
-  foreground) sees hundreds of components and thousands of loops per tile; its cost grows with about the
-  5th power of the tile edge (one core, corner tiles of a seed-0 320^3 volume: 64^3 4 s, 80^3 11 s,
-  96^3 28 s, 112^3 59 s, 128^3 124 s; 8.7k loops), i.e. about 6 min per 160^3 tile and 50 CPU minutes for
-  the 8 tiles of one 320^3 volume, so that size is not in the default run (``--synthetic_sizes 320``).
+  holes, bridges, a 6-connected 2-4 voxel recto layer, label 2 on the border and unannotated blobs),
+  default 128^3; at 320^3 it scores in about 1.3x the clean sheets' time (docs/PERFORMANCE.md; the
+  earlier 1-voxel diagonal layer took ~50 CPU minutes there). ``perturb`` clears single voxels, which
+  inside a layer this thick become small cavities (H2 pairs): fine for timing, not a realistic prediction.
 - ``sheets``: undulating 2-voxel sheets (6-connected), label 2 on a 3-voxel border and an unlabeled slab,
   default 128^3 and 320^3: the Betti matching then costs about 14 s of one core per 160^3 tile.
 
