@@ -62,3 +62,16 @@ def test_pyproject_pins_what_metadata_states():
     assert {k: pins.get(k) for k in listed} == listed
     assert "topolosses==0.2.0" in open(os.path.join(REPO, "Makefile")).read()
     assert meta["authors"] == "Vesuvius surface bundle contributors"
+
+
+def test_eval_metrics_are_the_published_figures_of_results_md():
+    """metadata.json's eval_metrics are numbers, labelled synthetic and dated, and equal the RESULTS.md
+    table row they name (score, TopoScore, SurfaceDice, VOI score in that order)."""
+    metrics = json.load(open(META_JSON))["eval_metrics"]
+    assert "synthetic, held-out profile" in metrics["data"] and re.search(r"\d{4}-\d{2}-\d{2}", metrics["data"])
+    row = re.search(r"row (\S+)", metrics["data"]).group(1)
+    table = open(os.path.join(REPO, "docs", "RESULTS.md")).read()
+    line = re.search(rf"^\| {re.escape(row)} \|.*$", table, re.MULTILINE)
+    assert line, f"docs/RESULTS.md has no table row '{row}' (named in metadata.json eval_metrics)"
+    means = [float(cell.split()[0]) for cell in line.group(0).strip("|").split("|")[2:6]]
+    assert means == [metrics[k] for k in ("competition_score", "topo_score", "surface_dice", "voi_score")]
