@@ -25,15 +25,41 @@ folder of uint8 predictions of the held-out volumes scored with the competition 
 - the post-processing table of every tuned row: raw, then the tuned pipeline's steps added one at a
   time in the pipeline's order (each line the pipeline up to that step), ending at the tuned pipeline,
   with each step's seconds per held-out volume;
+- weight averaging, ensembles, TTA and nnU-Net's network, each against the composite row(s) it derives
+  from (the section "Weight averaging, ensembles, TTA": raw, +post and +tuned beside the reference, with
+  the differences):
+  ``ema_s<seed>`` (every seed) the composite with ``ema_decay`` ``EMA_DECAY`` (0.99: at 12 x 40 = 480
+  steps the default-style 0.999 would leave 0.999^480 = 62% of the average on the first step's weights),
+  ``ema999_s<seed>`` (first seed) with 0.999; validation, ``best.pt``'s choice and ``models/model.pt`` then
+  use the averaged weights;
+  ``avg_s<seed>``: ``custom_components.training.average_checkpoints`` of the composite run's kept
+  checkpoints (``AVERAGED``: the saver keeps ``best.pt`` and ``last.pt`` only);
+  ``tta_mirror_s<seed>``, ``tta_rot_s<seed>``: the composite's model with ``--tta_flips 8`` (all
+  mirrorings), and with ``--tta_rotations 4`` quarter turns about Z on top (``TTA``; the default
+  evaluation has neither);
+  ``ensemble_s<seeds>``: the logits of every seed's composite model fused (``--ckpt_path a,b``, equal
+  weights, ``LogitEnsemble``);
+  ``resenc_s<seed>``: the composite with nnU-Net's residual-encoder U-Net (``resenc.json`` +
+  ``resenc_demo.json``) at the composite's wall-clock budget: iterations per epoch divided by
+  ``--resenc_step_ratio`` (its step time over DynUNet's; the epochs, and so the validation epochs, kept).
+  The derived rows (avg, tta, ensemble) show their source rows' training time (the ensemble: the sum);
+  every new row its ``evaluate.json`` wall time (inference + scoring of the held-out volumes);
 - ``nnunet``: nnU-Net v2 (its own default 3d_fullres plan) trained on the same volumes, converted by
   ``custom_components.data.convert_nnunet``, for the mean wall-clock training time of the composite rows, in
   its own venv (``bench/nnunet_baseline.py``); ``--skip_nnunet`` leaves it out.
 
 Each trained row is the real bundle: ``python -m monai.bundle run training`` with ``train.json`` +
 ``demo.json`` (CPU, small DynUNet, 32^3 patches) + the study's override file (epochs, iterations, loss
-weights, seed) written into the row's folder, then ``evaluate.json`` on the held-out volumes with the
-best checkpoint (chosen on the validation volumes). All rows share budget, patch, network and data; the
-runs go one after another, each with the whole machine (``OMP_NUM_THREADS``).
+weights, seed; ``ema_decay``) written into the row's folder, then ``evaluate.json`` on the held-out volumes
+with the run's ``models/model.pt`` (the best checkpoint, chosen on the validation volumes; its EMA weights
+when the run kept an average). All rows share budget, patch, network and data; the runs go one after
+another, each with the whole machine (``OMP_NUM_THREADS``).
+
+``--rows`` runs only the named rows (``threshold`` = its tuning) and keeps every other row of the
+previous ``results.json`` in ``--out`` (scores, tuning, curves; refused when that run had another data
+set or budget); the data sets are reused when present. The derived rows read their source rows'
+``models/model.pt`` from ``--out``, so e.g. ``--rows ema_s0 avg_s0`` against a finished study trains only
+``ema_s0``.
 
 The table (``results.md``, ``results.json`` in ``--out``) has score, TopoScore, SurfaceDice, VOI score,
 training wall time and seconds per training step; rows with several seeds show the mean and, in
@@ -70,6 +96,14 @@ TARGET_POST_GAIN = 0.03  # composite_tuned - composite, held-out score
 TARGET_MAX_DROP = 0.01  # no tuned row below its raw score by more than this
 TARGET_OVER_THRESHOLD = 0.05  # composite_tuned - threshold_tuned
 THRESHOLD_SCALE = 0.5  # the threshold row's "logits": (image - otsu) / (THRESHOLD_SCALE * std(image))
+SUFFIXES = ("", "+post", "+tuned")  # the entries of one row, in table order
+#: What a previous results.json must share with this run for its rows to be kept (``--rows``).
+STUDY_ARGS = ("train_profile", "test_profile", "train_seed", "test_seed", "train_volumes", "test_volumes", "shape",
+              "epochs", "iterations", "val_interval")
+EMA_DECAY = {"ema": 0.99, "ema999": 0.999}  # row prefix -> ema_decay (ema999: first seed only)
+AVERAGED = ("best.pt", "last.pt")  # the checkpoints a run keeps (AtomicCheckpointSaver), averaged by avg_s<seed>
+TTA = {"tta_mirror": {"tta_flips": 8}, "tta_rot": {"tta_flips": 8, "tta_rotations": 4}}  # inference.json settings
+RESENC_CONFIGS = ("resenc.json", "resenc_demo.json")  # merged after train.json + demo.json
 
 
 def default_weights() -> dict[str, float]:
@@ -85,6 +119,62 @@ def loss_rows(seeds: list[int]) -> list[tuple[str, dict[str, float], int]]:
     rows = [(f"baseline_s{s}", baseline, s) for s in seeds] + [(f"composite_s{s}", composite, s) for s in seeds]
     rows += [(f"no_{term}", {**composite, term: 0.0}, seeds[0]) for term in ABLATED]
     return rows
+
+
+def extra_rows(seeds: list[int], resenc_iterations: int) -> list[dict]:
+    """The rows of weight averaging, ensembles, TTA and nnU-Net's network, in the order they run. Each is
+    ``{"name", "ref": [the composite rows it is compared with]}`` and either ``"train"`` (the override file's
+    settings besides the budget, ``"seed"``, optional ``"configs"`` merged after demo.json) or ``"ckpts"``
+    (the rows whose models it evaluates) with ``"settings"`` (inference.json) and, for avg, ``"average"``."""
+    s0, c0, comps = seeds[0], f"composite_s{seeds[0]}", [f"composite_s{s}" for s in seeds]
+    composite = default_weights()
+    rows = [{"name": f"ema_s{s}", "seed": s, "train": {"loss_weights": composite, "ema_decay": EMA_DECAY["ema"]},
+             "ref": [f"composite_s{s}"]} for s in seeds]
+    rows.append({"name": f"ema999_s{s0}", "seed": s0, "train": {"loss_weights": composite,
+                 "ema_decay": EMA_DECAY["ema999"]}, "ref": [c0]})
+    rows.append({"name": f"avg_s{s0}", "ckpts": [c0], "settings": {}, "average": list(AVERAGED), "ref": [c0]})
+    rows += [{"name": f"{k}_s{s0}", "ckpts": [c0], "settings": v, "ref": [c0]} for k, v in TTA.items()]
+    if len(seeds) > 1:
+        rows.append({"name": "ensemble_s" + "".join(map(str, seeds)), "ckpts": comps, "settings": {}, "ref": comps})
+    rows.append({"name": f"resenc_s{s0}", "seed": s0, "configs": list(RESENC_CONFIGS), "ref": [c0],
+                 "train": {"loss_weights": composite, "iterations_per_epoch": resenc_iterations}})
+    return rows
+
+
+def study_plan(a) -> list[dict]:
+    """Every trained or derived row of the study in the order it runs: ``loss_rows`` (as ``extra_rows``'
+    trained rows, no reference) then ``extra_rows``."""
+    rows = [{"name": n, "seed": s, "train": {"loss_weights": w}, "ref": []} for n, w, s in loss_rows(a.seeds)]
+    return rows + extra_rows(a.seeds, scaled_iterations(a.iterations, a.resenc_step_ratio))
+
+
+def scaled_iterations(iterations: int, step_ratio: float) -> int:
+    """Iterations per epoch that give a network ``step_ratio`` times slower per step the same wall time."""
+    return max(1, round(iterations / step_ratio))
+
+
+def study_overrides(a, seed: int, loss_weights: dict, **settings) -> dict:
+    """A trained row's override file: the study's budget, the seed, the loss weights, then ``settings``
+    (which win: ``ema_decay``, ResEnc's ``iterations_per_epoch``)."""
+    return {"epochs": a.epochs, "iterations_per_epoch": a.iterations, "val_interval": a.val_interval, "seed": seed,
+            "loss_weights": loss_weights, **settings}
+
+
+def bundle_cmd(configs: list[str], run_id: str | None = None, **args) -> list[str]:
+    """``python -m monai.bundle run [run_id] --config_file [...] --key value ...``: a bare file name is a
+    config of bundle/configs, anything else a path; lists and dicts go as JSON, booleans as true / false."""
+    paths = [c if os.sep in c else os.path.join(CONFIGS, c) for c in configs]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", *([run_id] if run_id else []), "--config_file", json.dumps(paths)]
+    for key, value in args.items():
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value).lower() if isinstance(value, bool) \
+            else str(value)
+        cmd += [f"--{key}", text]
+    return cmd
+
+
+def model_path(out: str, row: str) -> str:
+    """A trained row's inference weights (``models/model.pt``: the best checkpoint, its EMA weights if any)."""
+    return os.path.join(out, row, "run", "models", "model.pt")
 
 
 def run(cmd: list[str], log: str) -> float:
@@ -180,42 +270,97 @@ def seconds_per_step(run_dir: str, batch_size: int) -> float | None:
     return float(batch_size / np.median(values)) if values else None
 
 
-def train_and_evaluate(name: str, weights: dict, seed: int, data: tuple[str, str, str], out: str, a,
-                       val_images: str | None = None) -> dict:
-    """One trained row: bundle training, then evaluate.json on the held-out set (raw and post-processed,
-    float16 logits saved); with ``val_images``, inference.json on those validation volumes too (logits)."""
-    train, datalist, held = data
-    row_dir = os.path.join(out, name)
-    os.makedirs(row_dir, exist_ok=True)
-    overrides = {"epochs": a.epochs, "iterations_per_epoch": a.iterations, "val_interval": a.val_interval,
-                 "seed": seed, "loss_weights": weights}
-    override_file = os.path.join(row_dir, "study.json")
-    with open(override_file, "w") as f:
-        json.dump(overrides, f, indent=2)
-    log = os.path.join(row_dir, "run.log")
-    py = sys.executable
-    configs = [os.path.join(CONFIGS, c) for c in ("train.json", "demo.json")] + [override_file]
-    train_s = run([py, "-m", "monai.bundle", "run", "training", "--config_file", json.dumps(configs),
-                   "--dataset_dir", train, "--datalist", datalist, "--output_dir", os.path.join(row_dir, "run"),
-                   "--overwrite", "true"], log)
-    ckpt = os.path.join(row_dir, "run", "checkpoints", "best.pt")
-    eval_configs = [os.path.join(CONFIGS, c) for c in ("inference.json", "demo_inference.json", "evaluate.json")]
-    run([py, "-m", "monai.bundle", "run", "--config_file", json.dumps(eval_configs),
-         "--input_dir", os.path.join(held, "test_images"), "--label_dir", os.path.join(held, "test_labels"),
-         "--output_dir", os.path.join(row_dir, "eval"), "--ckpt_path", ckpt, "--save_logits", "true"], log)
+def evaluate(row_dir: str, ckpts: list[str], settings: dict, held: str, log: str, val_images: str | None = None) -> dict:
+    """evaluate.json on the held-out volumes with ``ckpts`` (several: their logits fused) and the inference
+    ``settings`` (raw and post-processed predictions, float16 logits); with ``val_images``, inference.json on
+    those validation volumes with the same networks and settings (their logits, for the tuning)."""
+    common = {"ckpt_path": ",".join(ckpts), "save_logits": True, **settings}
+    ev = os.path.join(row_dir, "eval")
+    eval_s = run(bundle_cmd(["inference.json", "demo_inference.json", "evaluate.json"],
+                            input_dir=os.path.join(held, "test_images"), label_dir=os.path.join(held, "test_labels"),
+                            output_dir=ev, **common), log)
     val_logits, val_s = None, None
     if val_images is not None:  # the validation volumes' logits, for tuning (no labels read here)
-        infer_configs = [os.path.join(CONFIGS, c) for c in ("inference.json", "demo_inference.json")]
-        val_s = run([py, "-m", "monai.bundle", "run", "--config_file", json.dumps(infer_configs),
-                     "--input_dir", val_images, "--output_dir", os.path.join(row_dir, "val"), "--ckpt_path", ckpt,
-                     "--save_logits", "true"], log)
+        val_s = run(bundle_cmd(["inference.json", "demo_inference.json"], input_dir=val_images,
+                               output_dir=os.path.join(row_dir, "val"), **common), log)
         val_logits = os.path.join(row_dir, "val", "logits")
+    return {"raw": os.path.join(ev, "raw"), "post": os.path.join(ev, "postprocessed"),
+            "held_logits": os.path.join(ev, "logits"), "val_logits": val_logits, "val_infer_s": val_s, "eval_s": eval_s}
+
+
+def train_and_evaluate(row: dict, data: tuple[str, str, str], out: str, a, val_images: str | None = None) -> dict:
+    """One trained row: bundle training (train.json + demo.json + the row's configs + its override file),
+    then ``evaluate`` with the run's ``models/model.pt``."""
+    train, datalist, held = data
+    row_dir = os.path.join(out, row["name"])
+    os.makedirs(row_dir, exist_ok=True)
+    override_file = os.path.join(row_dir, "study.json")
+    with open(override_file, "w") as f:
+        json.dump(study_overrides(a, row["seed"], **row["train"]), f, indent=2)
+    log = os.path.join(row_dir, "run.log")
+    run_dir = os.path.join(row_dir, "run")
+    train_s = run(bundle_cmd(["train.json", "demo.json", *row.get("configs", []), override_file], "training",
+                             dataset_dir=train, datalist=datalist, output_dir=run_dir, overwrite=True), log)
+    r = evaluate(row_dir, [model_path(out, row["name"])], {}, held, log, val_images)
     with open(os.path.join(CONFIGS, "demo.json")) as f:
         batch = int(json.load(f)["batch_size"])
-    return {"train_s": train_s, "s_per_step": seconds_per_step(os.path.join(row_dir, "run"), batch),
-            "raw": os.path.join(row_dir, "eval", "raw"), "post": os.path.join(row_dir, "eval", "postprocessed"),
-            "held_logits": os.path.join(row_dir, "eval", "logits"), "val_logits": val_logits, "val_infer_s": val_s,
-            "run_dir": os.path.join(row_dir, "run")}
+    return {**r, "train_s": train_s, "s_per_step": seconds_per_step(run_dir, batch), "run_dir": run_dir}
+
+
+def derive_and_evaluate(row: dict, out: str, held: str, val_images: str | None = None) -> dict:
+    """An avg / tta / ensemble row: the models of its source rows (for avg, the average of the source run's
+    ``row["average"]`` checkpoints, ``custom_components.training.average_checkpoints``) through ``evaluate``
+    with the row's inference settings."""
+    row_dir = os.path.join(out, row["name"])
+    os.makedirs(row_dir, exist_ok=True)
+    log = os.path.join(row_dir, "run.log")
+    models = [model_path(out, src) for src in row["ckpts"]]
+    missing = [m for m in models if not os.path.isfile(m)]
+    if missing:
+        raise SystemExit(f"{row['name']} needs {', '.join(missing)}: run {', '.join(row['ckpts'])} first (--rows)")
+    if row.get("average"):
+        ckpts = [os.path.join(out, row["ckpts"][0], "run", "checkpoints", f) for f in row["average"]]
+        models = [os.path.join(row_dir, "avg", "model.pt")]
+        run([sys.executable, "-m", "custom_components.training.average_checkpoints", *ckpts, "--out", models[0]], log)
+    return evaluate(row_dir, models, row["settings"], held, log, val_images)
+
+
+def source_timing(results: dict[str, dict], sources: list[str]) -> dict:
+    """A derived row's training cost: its source rows' training seconds summed, their seconds per step averaged."""
+    train = [results[s]["train_s"] for s in sources if results.get(s, {}).get("train_s") is not None]
+    steps = [results[s]["s_per_step"] for s in sources if results.get(s, {}).get("s_per_step") is not None]
+    return {"train_s": float(sum(train)) if train else None, "s_per_step": float(np.mean(steps)) if steps else None}
+
+
+def checkpoint_epochs(paths: list[str]) -> list[int | None]:
+    """The epoch each training checkpoint was written at (its ``meta``)."""
+    from custom_components.training.checkpoint import load_checkpoint
+
+    return [load_checkpoint(p).get("meta", {}).get("epoch") for p in paths]
+
+
+def row_detail(row: dict, a, results: dict[str, dict], epochs: list[int | None] | None = None) -> str:
+    """What an extra row is, in one line (ema: the weight left on the first step after the budget; avg: the
+    checkpoints and their ``epochs``; resenc: its budget and step time against the DynUNet rows in ``results``)."""
+    steps = a.epochs * a.iterations
+    if "ema_decay" in row.get("train", {}):
+        d = row["train"]["ema_decay"]
+        return f"ema_decay {d}: {d ** steps:.1%} of the average on the first step's weights after {steps} steps"
+    if "iterations_per_epoch" in row.get("train", {}):
+        it = row["train"]["iterations_per_epoch"]
+        mine = (results.get(row["name"]) or {}).get("s_per_step")
+        vs = [f"{mine / results[n]['s_per_step']:.2f}x {n}'s" for n in [f"ema_s{row['seed']}", *row["ref"]]
+              if mine and (results.get(n) or {}).get("s_per_step")]
+        return (f"{a.epochs} epochs x {it} iterations = {a.epochs * it} steps ({steps} / {a.resenc_step_ratio}); "
+                f"s / step " + (f"{mine:.3f} = " + ", ".join(vs) if vs else "n/a"))
+    if row.get("average"):
+        files = ", ".join(f"{f} (epoch {e})" for f, e in zip(row["average"], epochs or [None] * len(row["average"])))
+        return f"mean of {row['ckpts'][0]}'s {files}, the checkpoints its run keeps"
+    settings = " ".join(f"--{k} {v}" for k, v in row["settings"].items())
+    if len(row["ckpts"]) > 1:
+        return f"logits of {', '.join(row['ckpts'])} fused, equal weights" + (f", {settings}" if settings else "")
+    passes = row["settings"].get("tta_flips", 1) * row["settings"].get("tta_rotations", 1)
+    return f"{row['ckpts'][0]}'s model with {settings} ({passes} passes per window)"
 
 
 def score(pred_dir: str, label_dir: str, workers: int) -> dict:
@@ -245,6 +390,73 @@ def table(results: dict[str, dict]) -> str:
             cells.append(fmt.format(np.mean(vals)) if vals else "-")
         lines.append(f"| {base} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def comparison_section(results: dict[str, dict], rows: list[dict]) -> str:
+    """"Weight averaging, ensembles, TTA": each of ``rows`` (raw, +post, +tuned: those present on both sides)
+    beside its reference (the mean of its ``ref`` rows), every metric with the difference; then each row's
+    ``detail``. Empty when no row is in ``results``."""
+    head = ("| row | against (score) | score | Δ | TopoScore | Δ | SurfaceDice | Δ | VOI score | Δ | training s | "
+            "s / step | evaluate s |")
+    lines, notes = [head, "|" + "---|" * 13], []
+    for row in rows:
+        name, refs = row["name"], row["ref"]
+        for suffix in SUFFIXES:
+            mine, theirs = results.get(name + suffix), [results.get(n + suffix) for n in refs]
+            if mine is None or not theirs or None in theirs:
+                continue
+            ref = {k: float(np.mean([t[k] for t in theirs])) for k in METRICS}
+            label = " + ".join(refs) + (" (mean)" if len(refs) > 1 else "")
+            cells = [f"{mine[k]:.4f} | {mine[k] - ref[k]:+.4f}" for k in METRICS]
+            cells += [fmt.format(mine[k]) if mine.get(k) is not None else "-"
+                      for k, fmt in (("train_s", "{:.0f}"), ("s_per_step", "{:.3f}"), ("eval_s", "{:.0f}"))]
+            lines.append(f"| {name}{suffix} | {label}{suffix} ({ref['score']:.4f}) | " + " | ".join(cells) + " |")
+        if results.get(name, {}).get("detail"):
+            notes.append(f"- {name}: {results[name]['detail']}")
+    if len(lines) == 2:
+        return ""
+    return "## Weight averaging, ensembles, TTA\n\n" + "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def row_base(key: str) -> str:
+    """The row an entry belongs to: ``composite_s0+tuned`` -> ``composite_s0``."""
+    return key.split("+")[0]
+
+
+def in_study_order(entries: dict, order: list[str]) -> dict:
+    """``entries`` (keyed by row or row + suffix) sorted by their row's place in ``order`` (unknown rows
+    last, in their own order), then raw, +post, +tuned."""
+    rank = {n: i for i, n in enumerate(order)}
+
+    def key(k):
+        suffix = k[len(row_base(k)):]
+        return rank.get(row_base(k), len(rank)), SUFFIXES.index(suffix) if suffix in SUFFIXES else len(SUFFIXES)
+
+    return dict(sorted(entries.items(), key=lambda kv: key(kv[0])))
+
+
+def kept_entries(previous: dict, rerun) -> dict:
+    """The entries of ``previous`` whose row is not run again (``rerun(row)`` false)."""
+    return {k: v for k, v in previous.items() if not rerun(row_base(k))}
+
+
+def previous_run(out: str, a) -> dict:
+    """With ``--rows``, the previous ``results.json`` in ``out`` (its rows not named are kept), else {};
+    SystemExit when that run had another data set or budget (``STUDY_ARGS``)."""
+    path = os.path.join(out, "results.json")
+    if not a.rows or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        prev = json.load(f)
+    diff = [f"{k} {prev['args'].get(k)} -> {getattr(a, k)}" for k in STUDY_ARGS if prev["args"].get(k) != getattr(a, k)]
+    if diff:
+        raise SystemExit(f"{path} is of another study ({'; '.join(diff)}): give another --out or the same settings")
+    return prev
+
+
+def wants_tuning(name: str, tune_rows: set[str]) -> bool:
+    """Whether ``--tune_rows`` names the row or its family (the name without ``_s<seed>``)."""
+    return name in tune_rows or re.sub(r"_s\d+$", "", name) in tune_rows
 
 
 def _family(results: dict[str, dict], prefix: str, suffix: str = "") -> list[dict]:
@@ -469,6 +681,58 @@ def figures(out: str, held_root: str, folders: dict[str, str], run_dirs: dict[st
     return [hard_png, curves_png]
 
 
+def scored_entries(name: str, r: dict, timing: dict, labels: str, val_labels: str, out: str, a,
+                   tune: bool) -> tuple[dict, dict | None]:
+    """A row's table entries from its ``evaluate`` output ``r``: raw and +post scored on the held-out
+    ``labels``, and with ``tune`` the +tuned entry (``tune_row`` on its validation logits); every entry
+    with ``timing``. Returns the entries and the tuning record (or None)."""
+    entries = {name: {**score(r["raw"], labels, a.workers), **timing},
+               f"{name}+post": {**score(r["post"], labels, a.workers), **timing}}
+    if not tune:
+        return entries, None
+    t = tune_row(name, r["val_logits"], val_labels, r["held_logits"], os.path.join(out, name, "tuned"), labels, a)
+    entries[f"{name}+tuned"] = {**t["row"], **timing}
+    return entries, t
+
+
+def describe(row: dict) -> str:
+    """A row of ``study_plan`` as the run's log names it: its settings and seed, or its sources."""
+    if "train" in row:
+        return " ".join(f"{k} {v}" for k, v in row["train"].items()) + f", seed {row['seed']}" + \
+            (f", configs {' '.join(row['configs'])}" if row.get("configs") else "")
+    how = (f"average of {' '.join(row['average'])}" if row.get("average") else json.dumps(row["settings"])
+           if row["settings"] else "logits fused")
+    return f"{how} of {', '.join(row['ckpts'])}"
+
+
+def run_row(row: dict, data: tuple[str, str, str], results: dict, a, val_images: str | None) -> tuple[dict, dict]:
+    """Train (``train_and_evaluate``) or derive (``derive_and_evaluate``) one row of ``study_plan``; returns
+    its ``evaluate`` output and its timing (training s, s / step, evaluate s; a derived row's training as
+    ``source_timing``)."""
+    if "train" in row:
+        r = train_and_evaluate(row, data, a.out, a, val_images)
+        return r, {"train_s": r["train_s"], "s_per_step": r["s_per_step"], "eval_s": r["eval_s"]}
+    r = derive_and_evaluate(row, a.out, data[2], val_images)
+    return r, {**source_timing(results, row["ckpts"]), "eval_s": r["eval_s"]}
+
+
+def hard_case_folders(out: str, results: dict, tuned: dict, seed: int) -> dict[str, str]:
+    """The predictions the hard-case figure shows: threshold (+tuned), the first seed's baseline and
+    composite, the composite's +post and +tuned (those in ``results``)."""
+    folders = {"threshold": os.path.join(out, "trivial", "threshold")}
+    if "threshold" in tuned:
+        folders["threshold+tuned"] = tuned["threshold"]["folder"]
+    for name in (f"baseline_s{seed}", f"composite_s{seed}"):
+        if name in results:
+            folders[name] = os.path.join(out, name, "eval", "raw")
+    comp = f"composite_s{seed}"
+    if f"{comp}+post" in results:
+        folders[f"{comp}+post"] = os.path.join(out, comp, "eval", "postprocessed")
+    if comp in tuned:
+        folders[f"{comp}+tuned"] = tuned[comp]["folder"]
+    return folders
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "quality"))
@@ -485,14 +749,20 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--iterations", type=int, default=40, help="iterations per epoch")
     p.add_argument("--val_interval", type=int, default=3)
-    p.add_argument("--rows", nargs="*", help="only these trained rows (e.g. composite_s0 no_topology)")
+    p.add_argument("--rows", nargs="*", help="only these rows (e.g. composite_s0 no_topology ema_s0; threshold = its "
+                   "tuning); the other rows of the previous results.json in --out are kept")
     p.add_argument("--skip_nnunet", action="store_true")
     p.add_argument("--nnunet_budget_s", type=float, help="default: mean training time of the composite rows")
     p.add_argument("--workers", type=int, default=2, help="metric processes")
-    p.add_argument("--tune_rows", nargs="*", default=["threshold", "baseline", "composite"],
-                   help="rows whose post-processing is tuned: threshold, and trained rows by name or name "
-                        "without _s<seed> (default: threshold baseline composite); none: no tuning")
+    p.add_argument("--tune_rows", nargs="*", default=["threshold", "baseline", "composite", *EMA_DECAY, "avg", *TTA,
+                                                      "ensemble", "resenc"],
+                   help="rows whose post-processing is tuned: threshold, and trained or derived rows by name or "
+                        "name without _s<seed> (default: threshold, baseline, composite and every row of the weight "
+                        "averaging / ensemble / TTA / ResEnc section); none: no tuning")
     p.add_argument("--tune_minutes", type=float, default=4.0, help="tune_postprocess budget per tuned row")
+    p.add_argument("--resenc_step_ratio", type=float, default=1.09,
+                   help="ResEnc's seconds per step over DynUNet's (demo sizes, CPU): resenc_s<seed> trains "
+                        "iterations / ratio per epoch")
     p.add_argument("--quick", action="store_true",
                    help="tiny budget for a smoke run (2 epochs x 5 iterations, 2 held-out volumes, 1 min tuning)")
     a = p.parse_args(argv)
@@ -509,45 +779,53 @@ def main(argv=None) -> int:
     tune_rows = set(a.tune_rows or [])
     if tune_rows and len(val_ids) < 4:
         raise SystemExit(f"tuning needs >= 4 validation volumes; --train_volumes {a.train_volumes} gives {len(val_ids)}")
-    results: dict[str, dict] = {}
-    tuned: dict[str, dict] = {}
+    plan = study_plan(a)
+    order = ["zeros", "ones", "threshold"] + [row["name"] for row in plan] + ["nnunet"]
+    unknown = sorted(set(a.rows or []) - set(order[2:-1]))
+    if unknown:
+        raise SystemExit(f"--rows: no row {', '.join(unknown)}; rows: {' '.join(order[2:-1])}")
+
+    def rerun(name):
+        return not a.rows or name in a.rows
+
+    previous = previous_run(a.out, a)
+    results = kept_entries(previous.get("results", {}), rerun)
+    tuned = kept_entries(previous.get("tuned", {}), rerun)
+    curves = kept_entries(previous.get("run_dirs", {}), rerun)
+    if previous:
+        print(f"kept from {os.path.join(a.out, 'results.json')}: {' '.join(sorted({row_base(k) for k in results}))}",
+              flush=True)
     for row, folder in trivial_predictions(data[2], a.out).items():
         results[row] = {**score(folder, labels, a.workers), "train_s": None, "s_per_step": None}
-    curves = {}
-    folders = {"threshold": os.path.join(a.out, "trivial", "threshold")}
-    if "threshold" in tune_rows:
+    if "threshold" in tune_rows and (rerun("threshold") or "threshold+tuned" not in results):
         print("== threshold: tuning its post-processing on the validation volumes", flush=True)
         thr = os.path.join(a.out, "trivial", "threshold_tuning")
         held_logits = write_threshold_logits(os.path.join(data[2], "test_images"), os.path.join(thr, "held_out_logits"))
         val_logits = write_threshold_logits(val_images, os.path.join(thr, "val_logits"), val_ids)
         tuned["threshold"] = tune_row("threshold", val_logits, val_labels, held_logits, thr, labels, a)
         results["threshold+tuned"] = {**tuned["threshold"]["row"], "train_s": None, "s_per_step": None}
-        folders["threshold+tuned"] = tuned["threshold"]["folder"]
         print(f"   score {results['threshold']['score']:.4f}, +tuned {results['threshold+tuned']['score']:.4f}",
               flush=True)
-    for name, weights, seed in loss_rows(a.seeds):
-        if a.rows and name not in a.rows:
+    for row in plan:
+        name = row["name"]
+        if not rerun(name):
             continue
-        tune_this = name in tune_rows or re.sub(r"_s\d+$", "", name) in tune_rows
-        print(f"== {name}: loss_weights {weights}, seed {seed}", flush=True)
-        r = train_and_evaluate(name, weights, seed, data, a.out, a, val_images if tune_this else None)
-        timing = {"train_s": r["train_s"], "s_per_step": r["s_per_step"]}
-        results[name] = {**score(r["raw"], labels, a.workers), **timing}
-        results[f"{name}+post"] = {**score(r["post"], labels, a.workers), **timing}
-        if tune_this:
-            tuned[name] = tune_row(name, r["val_logits"], val_labels, r["held_logits"], os.path.join(a.out, name, "tuned"),
-                                   labels, a)
-            results[f"{name}+tuned"] = {**tuned[name]["row"], **timing}
-        curves[name] = r["run_dir"]
-        if name.endswith("_s" + str(a.seeds[0])):
-            folders[name] = r["raw"]
-            if name.startswith("composite"):
-                folders[name + "+post"] = r["post"]
-                if tune_this:
-                    folders[name + "+tuned"] = tuned[name]["folder"]
+        tune_this = wants_tuning(name, tune_rows)
+        print(f"== {name}: {describe(row)}", flush=True)
+        r, timing = run_row(row, data, results, a, val_images if tune_this else None)
+        entries, t = scored_entries(name, r, timing, labels, val_labels, a.out, a, tune_this)
+        results.update(entries)
+        if t is not None:
+            tuned[name] = t
+        if "train" in row:
+            curves[name] = r["run_dir"]
+        if row["ref"]:  # an extra row: what it is, in one line
+            epochs = checkpoint_epochs([os.path.join(a.out, row["ckpts"][0], "run", "checkpoints", f)
+                                        for f in row["average"]]) if row.get("average") else None
+            results[name]["detail"] = row_detail(row, a, results, epochs)
         print(f"   score {results[name]['score']:.4f}, +post {results[name + '+post']['score']:.4f}"
               + (f", +tuned {results[name + '+tuned']['score']:.4f}" if tune_this else "")
-              + f", {r['train_s']:.0f} s", flush=True)
+              + f", training {timing['train_s'] or 0:.0f} s, evaluate {timing['eval_s']:.0f} s", flush=True)
     if not a.skip_nnunet:
         composite_s = [results[n]["train_s"] for n in results if n.startswith("composite_s") and "+" not in n]
         budget = a.nnunet_budget_s or (float(np.mean(composite_s)) if composite_s else 300.0)
@@ -556,9 +834,15 @@ def main(argv=None) -> int:
                                budget_s=budget, threads=int(os.environ["OMP_NUM_THREADS"]))
         results["nnunet"] = {**score(nn["pred_dir"], labels, a.workers), "train_s": nn.get("train_s"),
                              "s_per_step": nn.get("s_per_iter"), "nnunet": dict(nn)}
-        folders["nnunet"] = nn["pred_dir"]
+    results, tuned, curves = (in_study_order(d, order) for d in (results, tuned, curves))
+    folders = hard_case_folders(a.out, results, tuned, a.seeds[0])
+    if "nnunet" in results:
+        folders["nnunet"] = results["nnunet"]["nnunet"]["pred_dir"]
     pngs = figures(a.out, data[2], folders, curves, a)
     text = table(results)
+    section = comparison_section(results, [row for row in plan if row["ref"]])
+    if section:
+        text += "\n\n" + section
     if tuned:
         text += "\n\n## Post-processing, each step added in turn (held-out volumes)\n\n"
         text += "\n\n".join(step_table(n, results[n], t) for n, t in tuned.items())
