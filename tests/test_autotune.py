@@ -305,18 +305,67 @@ def test_cuda_search_cut_by_time_says_so_not_does_not_fit(tmp_path, monkeypatch,
     assert any("the largest batch is not known: only up to 4" in n for n in r["notes"])
 
 
-def test_peak_rss_resets_per_trial():
-    """``_rss_bytes(reset=True)`` lowers the getrusage peak to the current RSS; a 64 MiB array raises it by 64 MiB."""
-    import numpy as np
+def test_peak_rss_is_the_getrusage_peak():
+    """``_peak_rss_bytes`` is ``ru_maxrss`` in bytes: an array 64 MiB larger than the peak so far (importing torch
+    peaks above what stays resident) raises it by at least 64 MiB, and freeing the array does not lower it."""
+    import subprocess
+    import sys
 
-    from custom_components.training.autotune import _rss_bytes
+    code = ("import numpy as np; from custom_components.training.autotune import _peak_rss_bytes as peak; "
+            "before = peak(); a = np.ones(before + 64 * 2**20, np.uint8); during = peak(); del a; "
+            "print(before, during, peak())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    before, during, after = map(int, out.stdout.split())
+    assert during - before >= 64 * 2**20  # the touched array is resident
+    assert after == during  # a peak: freeing does not lower it
 
-    before = _rss_bytes(reset=True)
-    a = np.ones(64 * 2**20, np.uint8)  # touched: resident
-    peak = _rss_bytes()
-    del a
-    assert peak - before >= 60 * 2**20
-    assert _rss_bytes(reset=True) < peak - 32 * 2**20  # the freed array is out of the peak once reset
+
+def test_saved_bytes_count_each_storage_once():
+    """``x * x`` saves ``x`` twice (one storage, 4000 bytes) and ``exp`` its output (4000 bytes): 8000, on the CPU
+    (by storage) and on the meta device (by tensor)."""
+    from custom_components.training.autotune import _SavedBytes
+
+    for device in ("cpu", "meta"):
+        saved = _SavedBytes()
+        x = torch.ones(1000, device=device, requires_grad=True)
+        with saved.hooks():
+            (x * x).exp()
+        assert saved.step_bytes == 8000
+        saved.reset()
+        assert (saved.peak, saved.step_bytes) == (8000, 0)
+
+
+def test_cpu_memory_per_sample_by_hand():
+    """Batch 1 peaks at 1000 MiB (40 MiB saved), batch 2 at 1100 MiB (80 MiB saved): the RSS slope (100 MiB) is the
+    largest, batch 0 is at 900 MiB, batch 2 at 1100 MiB, and (2000 - 900) / 100 = 11 samples fit in 2000 MiB."""
+    from custom_components.training.autotune import _cpu_memory, _extrapolated
+
+    mib = 2**20
+    one = {"batch_size": 1, "peak_rss_bytes": 1000 * mib, "saved_bytes": 40 * mib, "step_s": 1.0}
+    two = {"batch_size": 2, "peak_rss_bytes": 1100 * mib, "saved_bytes": 80 * mib, "step_s": 1.5}
+    m = _cpu_memory([one, two], batch=2, limit=2000 * mib, meta_saved=10 * mib)
+    assert m == {"per_sample_bytes": 100 * mib, "predicted_at_configured_bytes": 1100 * mib,
+                 "largest_batch_estimate": 11}
+    # batch 1 alone: its saved bytes per sample (or the meta estimate's when it has none)
+    assert _cpu_memory([one], batch=2, limit=2000 * mib, meta_saved=10 * mib)["predicted_at_configured_bytes"] == 1040 * mib
+    assert _cpu_memory([{**one, "saved_bytes": None}], 2, 2000 * mib, 10 * mib)["per_sample_bytes"] == 10 * mib
+    # step time on the line through (1, 1.0 s) and (2, 1.5 s): 2.5 s at batch 4; batch 1 alone: 4 x 1.0 s
+    assert _extrapolated([one, two], 4)["step_s"] == pytest.approx(2.5)
+    assert _extrapolated([one], 4)["step_s"] == pytest.approx(4.0)
+    assert _extrapolated([one], 4)["reason"] == "loader not tuned; step time extrapolated to batch 4"
+
+
+def test_root_error_finds_the_config_error_monai_wrapped():
+    from custom_components.training.autotune import _root_error
+
+    try:
+        try:
+            raise ValueError("patch_size [30, 32, 32] cannot be taken by the network")
+        except ValueError as inner:
+            raise RuntimeError("Failed to instantiate") from inner
+    except RuntimeError as e:
+        assert str(_root_error(e)) == "patch_size [30, 32, 32] cannot be taken by the network"
+    assert _root_error(KeyError("not a config error")) is None
 
 
 @pytest.mark.slow
