@@ -121,7 +121,7 @@ def test_family(prefix, suffix, n):
 def _args(**kw):
     from types import SimpleNamespace
 
-    base = dict(seeds=[0, 1], epochs=12, iterations=40, val_interval=3, resenc_step_ratio=1.09, rows=None,
+    base = dict(seeds=[0, 1], epochs=12, iterations=40, val_interval=3, resenc_step_ratio=1.27, rows=None,
                 train_profile="34117", test_profile="35360", train_seed=0, test_seed=1, train_volumes=16,
                 test_volumes=3, shape=[64, 64, 64])
     return SimpleNamespace(**{**base, **kw})
@@ -144,7 +144,7 @@ def test_extra_rows_plan():
     assert rows["tta_rot_s0"]["settings"] == {"tta_flips": 8, "tta_rotations": 4}
     assert rows["ensemble_s01"]["ckpts"] == rows["ensemble_s01"]["ref"] == ["composite_s0", "composite_s1"]
     assert rows["resenc_s0"]["configs"] == ["resenc.json", "resenc_demo.json"]
-    assert rows["resenc_s0"]["train"]["iterations_per_epoch"] == 37  # 40 / 1.09
+    assert rows["resenc_s0"]["train"]["iterations_per_epoch"] == 31  # 40 / 1.27
     assert all(not r["ref"] for r in plan[:8])
     one_seed = [r["name"] for r in quality.extra_rows([3], 10)]
     assert one_seed == ["ema_s3", "ema999_s3", "avg_s3", "tta_mirror_s3", "tta_rot_s3", "resenc_s3"]  # no ensemble
@@ -218,7 +218,7 @@ def test_wants_tuning_and_source_timing():
 
 
 def test_row_detail():
-    rows = {r["name"]: r for r in quality.extra_rows([0, 1], 37)}
+    rows = {r["name"]: r for r in quality.extra_rows([0, 1], 31)}
     a = _args()
     assert quality.row_detail(rows["ema999_s0"], a, {}) == \
         "ema_decay 0.999: 61.9% of the average on the first step's weights after 480 steps"
@@ -229,7 +229,7 @@ def test_row_detail():
     assert quality.row_detail(rows["ensemble_s01"], a, {}) == "logits of composite_s0, composite_s1 fused, equal weights"
     res = {"resenc_s0": {"s_per_step": 0.33}, "ema_s0": {"s_per_step": 0.30}, "composite_s0": {"s_per_step": 0.22}}
     assert quality.row_detail(rows["resenc_s0"], a, res) == \
-        "12 epochs x 37 iterations = 444 steps (480 / 1.09); s / step 0.330 = 1.10x ema_s0's, 1.50x composite_s0's"
+        "12 epochs x 31 iterations = 372 steps (480 / 1.27); s / step 0.330 = 1.10x ema_s0's, 1.50x composite_s0's"
     assert quality.row_detail(rows["resenc_s0"], a, {}).endswith("s / step n/a")
 
 
