@@ -100,3 +100,23 @@ def test_output_dir_not_clobbered(tmp_path):
     assert check_output_dir(tmp_path, resume=True).endswith("last.pt")
     assert check_output_dir(tmp_path, overwrite=True) == ""
     assert check_output_dir(tmp_path / "fresh") == ""
+
+
+def test_ema_checkpoint_loads_its_averaged_weights_for_inference_and_init_from(tmp_path):
+    """A ``best.pt`` of a run with ``ema_decay`` > 0 holds the raw weights under "network" and the averaged
+    ones under "ema" (AveragedModel's keys: "module." prefix and "n_averaged"): inference and ``--init_from``
+    take the averaged ones, as ``model.pt`` does."""
+    from custom_components.inference.sliding_window import load_networks
+    from custom_components.training.checkpoint import NetworkInitializer
+
+    net = torch.nn.Conv3d(1, 1, 1)
+    raw = {"weight": torch.full((1, 1, 1, 1, 1), 1.0), "bias": torch.tensor([1.0])}
+    ema = {"module.weight": torch.full((1, 1, 1, 1, 1), 2.0), "module.bias": torch.tensor([2.0]), "n_averaged": torch.tensor(5)}
+    atomic_torch_save({"network": raw, "ema": ema}, tmp_path / "best.pt")
+    atomic_torch_save({"network": raw}, tmp_path / "plain.pt")
+    (loaded,) = load_networks(net, str(tmp_path / "best.pt"))
+    assert loaded.weight.item() == 2.0 and loaded.bias.item() == 2.0
+    (plain,) = load_networks(net, str(tmp_path / "plain.pt"))
+    assert plain.weight.item() == 1.0 and plain.bias.item() == 1.0
+    NetworkInitializer(str(tmp_path / "best.pt"), net)
+    assert net.weight.item() == 2.0 and net.bias.item() == 2.0

@@ -19,8 +19,8 @@ import torch
 from monai.inferers import SlidingWindowInfererAdapt
 
 from custom_components.training.checkpoint import (
-    _network_state,
     checkpoint_network_spec,
+    inference_weights,
     load_checkpoint,
     load_network_weights,
 )
@@ -101,14 +101,17 @@ def load_ensemble_members(specs: Sequence[dict], ckpt_path, device="cpu") -> lis
 
 
 def load_networks(network_def: torch.nn.Module, ckpt_path, device="cpu") -> list[torch.nn.Module]:
-    """Networks in eval mode on ``device``: TorchScript files load as they are, checkpoints into copies of ``network_def``."""
+    """Networks in eval mode on ``device``: TorchScript files load as they are, checkpoints into copies of
+    ``network_def`` with their inference weights (the EMA weights when the checkpoint keeps them, as
+    ``model.pt`` does)."""
     nets = []
     for path in parse_ckpt_paths(ckpt_path):
         if path.endswith(".ts"):
             net = torch.jit.load(path, map_location=device)
         else:
             net = copy.deepcopy(network_def)
-            load_network_weights(net, _network_state(load_checkpoint(path)), source=f"checkpoint {path}")
+            weights, kind = inference_weights(load_checkpoint(path))  # the EMA weights of a run that kept them
+            load_network_weights(net, weights, source=f"checkpoint {path} ({kind} weights)")
         nets.append(net.to(device).eval())
     return nets
 

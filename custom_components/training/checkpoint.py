@@ -317,8 +317,8 @@ def write_model_pt(ckpt_dir: str | Path, model_path: str | Path, prefer: tuple[s
 
 class NetworkInitializer:
     """``--init_from CKPT``: the network starts from another run's weights (a checkpoint or ``model.pt``),
-    weights only: optimiser, schedule and epoch start afresh (fine-tuning, e.g. a 128^3 model continued at
-    192^3). Checked when built, before training starts: a missing file or a network that does not fit
+    weights only (its EMA weights when it keeps them): optimiser, schedule and epoch start afresh
+    (fine-tuning, e.g. a 128^3 model continued at 192^3). Checked when built, before training starts: a missing file or a network that does not fit
     (missing / unexpected keys, shapes) is named. Ignored when the run resumes (its own ``last.pt`` wins)."""
 
     def __init__(self, path: str | None, network: torch.nn.Module, resume_path: str | None = ""):
@@ -326,8 +326,9 @@ class NetworkInitializer:
         if self.path and not self.resume_path:
             if not os.path.isfile(self.path):
                 raise ValueError(f"init_from '{self.path}' does not exist.")
-            load_network_weights(self.network, _network_state(load_checkpoint(self.path)), source=f"init_from {self.path}")
-            logger.info("network initialised from %s (weights only)", self.path)
+            weights, kind = inference_weights(load_checkpoint(self.path))
+            load_network_weights(self.network, weights, source=f"init_from {self.path} ({kind} weights)")
+            logger.info("network initialised from %s (%s weights only)", self.path, kind)
 
     def attach(self, engine: Engine) -> None:
         """Nothing to do at run time: the weights were loaded when the handler was built."""
