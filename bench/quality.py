@@ -1,6 +1,7 @@
 """What each part of the topology-aware setup is worth on the synthetic scrolls, against nnU-Net too.
 
     python bench/quality.py --out runs/quality            # the whole study, ~60 min on 2 CPU cores
+    python bench/quality.py --out runs/quality --extras   # and the weight averaging / TTA / ResEnc rows, ~30 min more
     python bench/quality.py --out runs/quality --quick    # every row at a tiny budget (a smoke run)
 
 One synthetic training set (``--train_profile``, ``--train_seed``, ``--train_volumes``; a quarter of it
@@ -25,8 +26,8 @@ folder of uint8 predictions of the held-out volumes scored with the competition 
 - the post-processing table of every tuned row: raw, then the tuned pipeline's steps added one at a
   time in the pipeline's order (each line the pipeline up to that step), ending at the tuned pipeline,
   with each step's seconds per held-out volume;
-- weight averaging, ensembles, TTA and nnU-Net's network, each against the composite row(s) it derives
-  from (the section "Weight averaging, ensembles, TTA": raw, +post and +tuned beside the reference, with
+- with ``--extras`` (or named in ``--rows``), weight averaging, ensembles, TTA and nnU-Net's network, each
+  against the composite row(s) it derives from (the section "Weight averaging, ensembles, TTA": raw, +post and +tuned beside the reference, with
   the differences):
   ``ema_s<seed>`` (every seed) the composite with ``ema_decay`` ``EMA_DECAY`` (0.99: at 12 x 40 = 480
   steps the default-style 0.999 would leave 0.999^480 = 62% of the average on the first step's weights),
@@ -55,7 +56,7 @@ with the run's ``models/model.pt`` (the best checkpoint, chosen on the validatio
 when the run kept an average). All rows share budget, patch, network and data; the runs go one after
 another, each with the whole machine (``OMP_NUM_THREADS``).
 
-``--rows`` runs only the named rows (``threshold`` = its tuning) and keeps every other row of the
+``--rows`` runs only the named rows (loss rows or extras) (``threshold`` = its tuning) and keeps every other row of the
 previous ``results.json`` in ``--out`` (scores, tuning, curves; refused when that run had another data
 set or budget); the data sets are reused when present. The derived rows read their source rows'
 ``models/model.pt`` from ``--out``, so e.g. ``--rows ema_s0 avg_s0`` against a finished study trains only
@@ -454,6 +455,12 @@ def previous_run(out: str, a) -> dict:
     return prev
 
 
+def runs_row(name: str, a, extras: set[str]) -> bool:
+    """Whether this invocation runs row ``name``: only those ``--rows`` names when given, else every row
+    but the ``extras`` (the weight averaging / ensemble / TTA / ResEnc rows), which ``--extras`` adds."""
+    return name in a.rows if a.rows else a.extras or name not in extras
+
+
 def wants_tuning(name: str, tune_rows: set[str]) -> bool:
     """Whether ``--tune_rows`` names the row or its family (the name without ``_s<seed>``)."""
     return name in tune_rows or re.sub(r"_s\d+$", "", name) in tune_rows
@@ -751,6 +758,9 @@ def main(argv=None) -> int:
     p.add_argument("--val_interval", type=int, default=3)
     p.add_argument("--rows", nargs="*", help="only these rows (e.g. composite_s0 no_topology ema_s0; threshold = its "
                    "tuning); the other rows of the previous results.json in --out are kept")
+    p.add_argument("--extras", action="store_true",
+                   help="also the weight averaging / ensemble / TTA / ResEnc rows (~30 min more on 2 cores); "
+                        "--rows runs any of them by name without it")
     p.add_argument("--skip_nnunet", action="store_true")
     p.add_argument("--nnunet_budget_s", type=float, help="default: mean training time of the composite rows")
     p.add_argument("--workers", type=int, default=2, help="metric processes")
@@ -758,7 +768,7 @@ def main(argv=None) -> int:
                                                       "ensemble", "resenc"],
                    help="rows whose post-processing is tuned: threshold, and trained or derived rows by name or "
                         "name without _s<seed> (default: threshold, baseline, composite and every row of the weight "
-                        "averaging / ensemble / TTA / ResEnc section); none: no tuning")
+                        "averaging / ensemble / TTA / ResEnc section that runs); none: no tuning")
     p.add_argument("--tune_minutes", type=float, default=4.0, help="tune_postprocess budget per tuned row")
     p.add_argument("--resenc_step_ratio", type=float, default=1.27,
                    help="ResEnc's seconds per step over DynUNet's (demo sizes, composite loss, 2 CPU cores: 0.26 vs "
@@ -786,8 +796,10 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"--rows: no row {', '.join(unknown)}; rows: {' '.join(order[2:-1])}")
 
+    extras = {row["name"] for row in plan if row["ref"]}
+
     def rerun(name):
-        return not a.rows or name in a.rows
+        return runs_row(name, a, extras)
 
     previous = previous_run(a.out, a)
     results = kept_entries(previous.get("results", {}), rerun)

@@ -207,6 +207,17 @@ def test_resume_keeps_other_rows_in_study_order(tmp_path):
     assert quality.previous_run(str(tmp_path / "none"), _args(rows=["ema_s0"])) == {}
 
 
+def test_extras_run_only_when_asked():
+    plan = quality.study_plan(_args())
+    extras = {r["name"] for r in plan if r["ref"]}
+    names = [r["name"] for r in plan]
+    default = [n for n in names if quality.runs_row(n, _args(rows=None, extras=False), extras)]
+    assert default == names[:8]  # the loss rows; the study stays within its hour
+    assert [n for n in names if quality.runs_row(n, _args(rows=None, extras=True), extras)] == names
+    assert [n for n in names if quality.runs_row(n, _args(rows=["tta_mirror_s0", "no_cldice"], extras=False),
+                                                 extras)] == ["no_cldice", "tta_mirror_s0"]
+
+
 def test_wants_tuning_and_source_timing():
     assert quality.wants_tuning("ema_s1", {"ema"}) and quality.wants_tuning("ensemble_s01", {"ensemble"})
     assert not quality.wants_tuning("ema999_s0", {"ema"}) and quality.wants_tuning("ema999_s0", {"ema999_s0"})

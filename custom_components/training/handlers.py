@@ -14,6 +14,9 @@
   ``loss_every`` iterations), and the ETA of the whole run in the log.
 
 None of them reads the device during an iteration: a training step reads it once (the trainer).
+- ``FinalValidationHandler``: MONAI's ``ValidationHandler`` that also validates after the last epoch when
+  ``epochs`` is not a multiple of ``interval``: the last epochs' weights are scored and can become
+  ``best.pt`` (and so ``model.pt``) instead of being thrown away.
 - ``FileLogHandler``: creates ``output_dir`` first (the earlier trainer crashed on exactly that) and
   adds ``<output_dir>/train.log`` to the loggers.
 """
@@ -26,8 +29,10 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import ValidationHandler
 
-__all__ = ["EpochSeedHandler", "LossTermsHandler", "ThroughputHandler", "RunProgressHandler", "FileLogHandler"]
+__all__ = ["EpochSeedHandler", "LossTermsHandler", "ThroughputHandler", "RunProgressHandler", "FinalValidationHandler",
+           "FileLogHandler"]
 
 
 class EpochSeedHandler:
@@ -225,6 +230,19 @@ class RunProgressHandler:
     def _close_on_error(self, engine: Engine, e: Exception) -> None:
         self._close(engine)
         raise e
+
+
+class FinalValidationHandler(ValidationHandler):
+    """``ValidationHandler`` (epoch level) run every ``interval`` epochs and after the last epoch: with
+    ``epochs`` 7 and ``interval`` 3 it validates after epochs 3, 6 and 7."""
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        if self.epoch_level:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=self._last_off_interval), self)
+
+    def _last_off_interval(self, engine: Engine, epoch: int) -> bool:
+        return epoch == engine.state.max_epochs and epoch % self.interval != 0
 
 
 class FileLogHandler:
