@@ -1,7 +1,7 @@
 """What each part of the topology-aware setup is worth on the synthetic scrolls, against nnU-Net too.
 
     python bench/quality.py --out runs/quality            # the whole study, ~60 min on 2 CPU cores
-    python bench/quality.py --out runs/quality --extras   # and the weight averaging / TTA / ResEnc rows, ~30 min more
+    python bench/quality.py --out runs/quality --extras   # and the weight averaging / TTA / ResEnc rows, ~15 min more
     python bench/quality.py --out runs/quality --quick    # every row at a tiny budget (a smoke run)
 
 One synthetic training set (``--train_profile``, ``--train_seed``, ``--train_volumes``; a quarter of it
@@ -759,7 +759,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", nargs="*", help="only these rows (e.g. composite_s0 no_topology ema_s0; threshold = its "
                    "tuning); the other rows of the previous results.json in --out are kept")
     p.add_argument("--extras", action="store_true",
-                   help="also the weight averaging / ensemble / TTA / ResEnc rows (~30 min more on 2 cores); "
+                   help="also the weight averaging / ensemble / TTA / ResEnc rows (~15 min more on 2 cores); "
                         "--rows runs any of them by name without it")
     p.add_argument("--skip_nnunet", action="store_true")
     p.add_argument("--nnunet_budget_s", type=float, help="default: mean training time of the composite rows")
