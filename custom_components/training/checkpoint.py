@@ -318,8 +318,8 @@ def write_model_pt(ckpt_dir: str | Path, model_path: str | Path, prefer: tuple[s
 class NetworkInitializer:
     """``--init_from CKPT``: the network starts from another run's weights (a checkpoint or ``model.pt``),
     weights only (its EMA weights when it keeps them): optimiser, schedule and epoch start afresh
-    (fine-tuning, e.g. a 128^3 model continued at 192^3). Checked when built, before training starts: a missing file or a network that does not fit
-    (missing / unexpected keys, shapes) is named. Ignored when the run resumes (its own ``last.pt`` wins)."""
+    (fine-tuning, e.g. a 128^3 model continued at 192^3). Checked when built, before training starts: a
+    missing file or a network that does not fit (missing / unexpected keys, shapes) is named. Ignored when the run resumes (its own ``last.pt`` wins)."""
 
     def __init__(self, path: str | None, network: torch.nn.Module, resume_path: str | None = ""):
         self.path, self.network, self.resume_path = path or "", _unwrap_ddp(network), resume_path or ""
